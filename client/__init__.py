@@ -1,0 +1,1 @@
+"""The ClientApp: local LoRA fine-tuning of the received adapter."""

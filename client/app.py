@@ -1,0 +1,99 @@
+"""The fedlora ClientApp: receive the global adapter, train it locally, send it back.
+
+The base model, tokenizer and tokenized partition are built once per process and
+reused (see :mod:`task.runtime`); the adapter, optimizer and data order are reset
+from each message, so a reused client returns exactly what a fresh one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.partition import node_partition
+from strategies.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, adapter_to_record, record_to_adapter
+from task.settings import TaskSettings
+
+
+def _settings(context: Context, overrides: Mapping[str, Any] | None) -> TaskSettings:
+    return TaskSettings.from_run_config({**context.run_config, **(overrides or {})})
+
+
+def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per run, round and client (data order, dropout)."""
+    return settings.train.seed * 1_000_003 + server_round * 1_009 + partition_id
+
+
+def train(message: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
+    """Handle a train message: load the sent adapter, train locally, reply with the result."""
+    import torch
+
+    from task.runtime import cached_runtime
+    from task.training import train_local
+
+    settings = _settings(context, overrides)
+    partition_id, num_partitions = node_partition(context.node_config)
+    config = message.content[CONFIG_KEY]
+    server_round = int(config.get("server-round", 0))
+    runtime = cached_runtime(settings)
+    data = runtime.encoded_partition(partition_id, num_partitions)
+    received = record_to_adapter(message.content[ARRAYS_KEY], settings.lora.lora_alpha)
+    runtime.set_adapter(received)
+    seed = round_seed(settings, server_round, partition_id)
+    with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
+        torch.manual_seed(seed)
+        result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
+                             device=runtime.device, autocast=runtime.autocast, seed=seed)
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "train-loss": result.loss_mean,
+        "train-loss-first": result.loss_first,
+        "train-loss-last": result.loss_last,
+        "steps": result.steps,
+        "train-seconds": result.seconds,
+        "partition-id": partition_id,
+    })
+    content = RecordDict({ARRAYS_KEY: adapter_to_record(runtime.get_adapter()),
+                          METRICS_KEY: metrics})
+    return Message(content, reply_to=message)
+
+
+def evaluate(
+    message: Message, context: Context, overrides: Mapping[str, Any] | None = None
+) -> Message:
+    """Handle an evaluate message: score the sent adapter on this node's shard of the
+    held-out split."""
+    from task.runtime import cached_runtime
+    from task.training import encode, evaluate as evaluate_model
+
+    settings = _settings(context, overrides)
+    partition_id, num_partitions = node_partition(context.node_config)
+    runtime = cached_runtime(settings)
+    runtime.set_adapter(record_to_adapter(message.content[ARRAYS_KEY], settings.lora.lora_alpha))
+    shard = runtime.data.test.shard(num_shards=num_partitions, index=partition_id)
+    data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
+    scores = evaluate_model(runtime.model, runtime.tokenizer, data, batch_size=64,
+                            device=runtime.device, autocast=runtime.autocast)
+    metrics = MetricRecord({"num-examples": len(data), **{f"eval-{k}": v for k, v in scores.items()}})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` are run-config entries applied over the run's own."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def _train(message: Message, context: Context) -> Message:
+        return train(message, context, overrides)
+
+    @client_app.evaluate()
+    def _evaluate(message: Message, context: Context) -> Message:
+        return evaluate(message, context, overrides)
+
+    return client_app
+
+
+app = make_client_app()

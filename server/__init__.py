@@ -1,0 +1,1 @@
+"""The ServerApp: strategy from the run config, rounds, evaluation, results folder."""

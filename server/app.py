@@ -1,0 +1,29 @@
+"""The fedlora ServerApp: parse the run config once, then run the federation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.run import FederatedRun, RoundCallback
+from server.settings import RunSettings
+
+
+def make_server_app(
+    overrides: Mapping[str, Any] | None = None, on_round: RoundCallback | None = None
+) -> ServerApp:
+    """A ServerApp; ``overrides`` are run-config entries applied over the run's own."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        settings = RunSettings.from_run_config({**context.run_config, **(overrides or {})})
+        FederatedRun(settings, on_round=on_round).execute(grid)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,72 @@
+"""The results folder: resolved config, per-round metrics (JSON and CSV), PEFT checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+METRIC_COLUMNS = [
+    "round", "eval_accuracy", "eval_loss", "eval_perplexity", "train_loss", "bytes_up",
+    "bytes_down", "seconds", "eval_seconds", "num_sampled", "num_accepted", "num_rejected",
+    "num_failed",
+]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ResultsWriter:
+    """Writes ``config.json``, ``metrics.json``, ``metrics.csv`` and adapter checkpoints."""
+
+    def __init__(self, root: str | Path, config: dict[str, Any], keep_checkpoints: int = 2):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep_checkpoints = keep_checkpoints
+        self.records: list[dict[str, Any]] = []
+        _atomic_write(self.root / "config.json", json.dumps(config, indent=2) + "\n")
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        """Append one round's record and rewrite the metrics files."""
+        self.records.append({c: record.get(c) for c in METRIC_COLUMNS})
+        _atomic_write(self.root / "metrics.json", json.dumps(self.records, indent=2) + "\n")
+        tmp = self.root / "metrics.csv.tmp"
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            for row in self.records:
+                writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        os.replace(tmp, self.root / "metrics.csv")
+
+    def save_adapter(self, model: Any, name: str) -> Path:
+        """Save the model's adapter in PEFT's format under ``name``, atomically."""
+        target = self.root / name
+        tmp = self.root / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+        return target
+
+    def save_checkpoint(self, model: Any, server_round: int) -> Path:
+        """Save ``checkpoints/round-NNN`` and prune all but the newest ``keep_checkpoints``."""
+        path = self.save_adapter(model, f"checkpoints/round-{server_round:03d}")
+        rounds = sorted((self.root / "checkpoints").glob("round-*"))
+        for old in rounds[: max(len(rounds) - self.keep_checkpoints, 0)]:
+            shutil.rmtree(old)
+        return path
+
+    def write_json(self, name: str, payload: Any) -> Path:
+        """Write an extra JSON file (a summary, rejections) into the folder."""
+        path = self.root / name
+        _atomic_write(path, json.dumps(payload, indent=2) + "\n")
+        return path

@@ -1,0 +1,161 @@
+"""One federated run on the server: strategy, rounds, evaluation, results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from server.plots import plot_metrics
+from server.results import ResultsWriter
+from server.settings import RunSettings
+from strategies import LoraStrategy, get_strategy_class
+from strategies.wire import adapter_to_record, record_to_adapter
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def build_strategy(settings: RunSettings) -> LoraStrategy:
+    """The strategy named in the settings, configured from them."""
+    fed = settings.federation
+    cls = get_strategy_class(fed.strategy)
+    return cls(
+        lora_alpha=settings.task.lora.lora_alpha,
+        fraction_train=fed.fraction_train,
+        min_train_nodes=fed.min_train_nodes,
+        min_available_nodes=fed.min_available_nodes,
+        max_num_examples=fed.max_num_examples,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
+        seed=fed.seed,
+    )
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run."""
+
+    results_dir: Path
+    records: list[dict[str, Any]]
+    seconds: float
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last round's record."""
+        return self.records[-1]
+
+    def best(self, key: str = "eval_accuracy") -> float | None:
+        """The best value of ``key`` over the evaluated rounds."""
+        values = [r[key] for r in self.records if r.get(key) is not None]
+        return max(values) if values else None
+
+
+class FederatedRun:
+    """Runs the rounds through Flower's strategy loop and writes the results folder."""
+
+    def __init__(self, settings: RunSettings, on_round: RoundCallback | None = None) -> None:
+        from task.runtime import cached_runtime
+
+        self.settings = settings
+        self.strategy = build_strategy(settings)
+        self.runtime = cached_runtime(settings.task)
+        self.writer = ResultsWriter(settings.federation.results_dir, settings.to_dict(),
+                                    keep_checkpoints=settings.federation.keep_checkpoints)
+        self.on_round = on_round
+
+    def _should_evaluate(self, server_round: int) -> bool:
+        fed = self.settings.federation
+        return server_round % fed.eval_every == 0 or server_round == fed.num_rounds
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Server-side evaluation, checkpoint and metrics after each round (and before the first)."""
+        from task.training import evaluate
+
+        started = time.monotonic()
+        alpha = self.settings.task.lora.lora_alpha
+        self.runtime.set_adapter(record_to_adapter(arrays, alpha))
+        scores: dict[str, float] = {}
+        if self._should_evaluate(server_round):
+            scores = evaluate(self.runtime.model, self.runtime.tokenizer,
+                              self.runtime.encoded_test(),
+                              batch_size=self.settings.federation.eval_batch_size,
+                              device=self.runtime.device, autocast=self.runtime.autocast)
+        if server_round > 0 and self.settings.federation.keep_checkpoints > 0:
+            self.writer.save_checkpoint(self.runtime.model, server_round)
+        record = self._round_record(server_round, scores, time.monotonic() - started)
+        self.writer.add_round(record)
+        self._log_round(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return MetricRecord(scores) if scores else None
+
+    def _round_record(self, server_round: int, scores: dict[str, float],
+                      eval_seconds: float) -> dict[str, Any]:
+        stats = self.strategy.history.get(server_round)
+        record: dict[str, Any] = {
+            "round": server_round,
+            **{f"eval_{k}": v for k, v in scores.items()},
+            "eval_seconds": eval_seconds,
+            "seconds": (time.monotonic() - stats.started) if stats else eval_seconds,
+            "bytes_up": stats.bytes_up if stats else 0,
+            "bytes_down": stats.bytes_down if stats else 0,
+        }
+        if stats is not None:
+            record.update(train_loss=stats.train_loss, num_sampled=stats.sampled,
+                          num_accepted=stats.accepted, num_rejected=stats.rejected,
+                          num_failed=stats.failed)
+        return record
+
+    def _log_round(self, r: dict[str, Any]) -> None:
+        total = self.settings.federation.num_rounds
+        parts = [f"[round {r['round']}/{total}]"]
+        if r.get("eval_accuracy") is not None:
+            parts.append(f"accuracy {r['eval_accuracy']:.4f}")
+        if r.get("eval_loss") is not None:
+            parts.append(f"eval loss {r['eval_loss']:.4f}")
+        if r.get("train_loss") is not None:
+            parts.append(f"train loss {r['train_loss']:.4f}")
+        if r["round"] > 0:
+            parts.append(f"clients {r.get('num_accepted', 0)}/{r.get('num_sampled', 0)}")
+            parts.append(f"up {r['bytes_up'] / 1e6:.2f} MB down {r['bytes_down'] / 1e6:.2f} MB")
+        parts.append(f"{r['seconds']:.1f} s")
+        log(INFO, " | ".join(parts))
+
+    def execute(self, grid: Grid) -> RunSummary:
+        """Run every round; save the final adapter, the plot and a summary."""
+        started = time.monotonic()
+        fed = self.settings.federation
+        initial = adapter_to_record(self.runtime.initial_adapter)
+        result = self.strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=fed.num_rounds,
+            timeout=fed.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=self.evaluate,
+        )
+        final = result.arrays if len(result.arrays) else initial
+        self.runtime.set_adapter(record_to_adapter(final, self.settings.task.lora.lora_alpha))
+        self.writer.save_adapter(self.runtime.model, "final_adapter")
+        summary = RunSummary(self.writer.root, self.writer.records, time.monotonic() - started)
+        plot_metrics(summary.records, self.writer.root / "metrics.png",
+                     title=f"{fed.strategy} on {self.settings.task.data.dataset}")
+        rejections = {r: s.rejections for r, s in self.strategy.history.items() if s.rejections}
+        self.writer.write_json("summary.json", {
+            "strategy": fed.strategy,
+            "rounds": fed.num_rounds,
+            "final": summary.final,
+            "best_eval_accuracy": summary.best(),
+            "seconds": summary.seconds,
+            "rejections": {str(k): v for k, v in rejections.items()},
+        })
+        log(INFO, "results written to %s", self.writer.root)
+        return summary

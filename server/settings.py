@@ -1,0 +1,89 @@
+"""Settings of the federation (the server's side), and parsing of the whole run config."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from task.settings import TaskSettings, from_run_config, run_config_key, settings_keys
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Rounds, sampling, timeouts, validation caps, evaluation and results.
+
+    ``eval_every``: evaluate the global adapter on the held-out split every k rounds
+    (the last round always); ``keep_checkpoints``: how many per-round checkpoints to keep.
+    """
+
+    strategy: str = "fedit"
+    num_rounds: int = 5
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    round_timeout: float = 3600.0
+    max_num_examples: int = 1_000_000
+    seed: int = 0
+    results_dir: str = "results/latest"
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_rounds >= 1, f"num-rounds must be at least 1, got {self.num_rounds}"),
+            (0 < self.fraction_train <= 1,
+             f"fraction-train must be in (0, 1], got {self.fraction_train}"),
+            (0 <= self.fraction_evaluate <= 1,
+             f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),
+            (self.min_train_nodes >= 1,
+             f"min-train-nodes must be at least 1, got {self.min_train_nodes}"),
+            (self.round_timeout > 0, f"round-timeout must be positive, got {self.round_timeout}"),
+            (self.max_num_examples >= 1,
+             f"max-num-examples must be at least 1, got {self.max_num_examples}"),
+            (self.eval_every >= 1, f"eval-every must be at least 1, got {self.eval_every}"),
+            (self.eval_batch_size >= 1,
+             f"eval-batch-size must be at least 1, got {self.eval_batch_size}"),
+            (self.keep_checkpoints >= 0,
+             f"keep-checkpoints must not be negative, got {self.keep_checkpoints}"),
+            (bool(self.results_dir), "results-dir must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The whole run: federation and task."""
+
+    federation: FederationSettings
+    task: TaskSettings
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Parse a flat run config once; unknown keys are an error listing the known ones."""
+        known = cls.keys()
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
+            )
+        return cls(
+            federation=from_run_config(FederationSettings, config),
+            task=TaskSettings.from_run_config(config),
+        )
+
+    @staticmethod
+    def keys() -> set[str]:
+        """Every run-config key."""
+        return settings_keys(FederationSettings) | TaskSettings.keys()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved settings as a flat run config."""
+        flat = {run_config_key(k): v for k, v in dataclasses.asdict(self.federation).items()}
+        flat.update(self.task.to_dict())
+        return dict(sorted(flat.items()))

@@ -1,0 +1,87 @@
+"""Run a federation on this machine with Flower's simulation engine (Ray backend)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from server.settings import RunSettings
+
+
+def default_gpus_per_client(num_clients: int) -> float:
+    """Share the visible GPUs among concurrently running clients (0 without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / max(1, min(num_clients, os.cpu_count() or 1)))
+
+
+def backend_config(cpus_per_client: float, gpus_per_client: float) -> dict[str, Any]:
+    """Ray backend settings: resources per client and for the whole simulation."""
+    return {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+
+
+def simulate(
+    run_config: Mapping[str, Any],
+    *,
+    num_clients: int,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float | None = None,
+) -> list[dict[str, Any]]:
+    """Run a simulation and return the per-round metrics records.
+
+    The settings are validated before anything starts; Ray is shut down at the end,
+    also on error or Ctrl-C.
+
+    Raises:
+        ValueError: a bad setting (before Ray starts).
+        RuntimeError: the run ended without writing its final metrics.
+    """
+    settings = RunSettings.from_run_config(run_config)
+    if num_clients < settings.federation.min_train_nodes:
+        raise ValueError(f"--num-clients {num_clients} is below min-train-nodes "
+                         f"{settings.federation.min_train_nodes}")
+    overrides = settings.to_dict()
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    results = Path(settings.federation.results_dir)
+    metrics_path = results / "metrics.json"
+    metrics_path.unlink(missing_ok=True)
+    gpus = default_gpus_per_client(num_clients) if gpus_per_client is None else gpus_per_client
+    try:
+        run_simulation(
+            server_app=make_server_app(overrides),
+            client_app=make_client_app(overrides),
+            num_supernodes=num_clients,
+            backend_config=backend_config(cpus_per_client, gpus),  # type: ignore[arg-type]
+        )
+    finally:
+        _shutdown_ray()
+    if not metrics_path.exists():
+        raise RuntimeError(f"the simulation wrote no metrics to {metrics_path}; see the log above")
+    records: list[dict[str, Any]] = json.loads(metrics_path.read_text())
+    if not records or records[-1]["round"] != settings.federation.num_rounds:
+        raise RuntimeError(f"the simulation stopped before its last round; see {metrics_path}")
+    return records
+
+
+def _shutdown_ray() -> None:
+    """Stop Ray if this process started it (no-op otherwise)."""
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        logging.getLogger(__name__).info("shutting down Ray")
+        ray.shutdown()

@@ -1,0 +1,270 @@
+"""The Flower glue shared by every LoRA strategy.
+
+:class:`LoraStrategy` extends Flower's message-based ``FedAvg`` and fills its hooks:
+``configure_train`` builds one message per sampled node (payloads may differ per
+client), ``aggregate_train`` validates every reply, leaves bad ones out with a
+logged reason, and hands the good ones to the strategy's pure aggregation
+function. The round loop itself stays Flower's (``Strategy.start``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import ClassVar
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from strategies.adapter import LoraAdapter
+from strategies.validation import ClientUpdate, UpdateRejected, UpdateSpec, validate_update
+from strategies.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    adapter_to_record,
+    record_nbytes,
+    record_to_adapter,
+)
+
+ConfigValue = int | float | str | bool
+
+
+class AggregationError(RuntimeError):
+    """A round whose accepted updates could not be aggregated."""
+
+
+@dataclass
+class RoundStats:
+    """What happened in one training round, for logs and the results folder."""
+
+    round: int
+    sampled: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    failed: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_loss: float | None = None
+    rejections: list[tuple[int, str]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def reject(self, node_id: int, reason: str) -> None:
+        """Count and log a rejected update."""
+        self.rejected += 1
+        self.rejections.append((node_id, reason))
+        log(WARNING, "round %d: rejected update from node %d: %s", self.round, node_id, reason)
+
+
+class LoraStrategy(FedAvg):
+    """Base class for LoRA-aware strategies; subclasses implement ``aggregate_adapters``.
+
+    Args:
+        lora_alpha: the run's LoRA scaling alpha (scale of a module is alpha / rank).
+        fraction_train: fraction of connected nodes sampled each round.
+        min_train_nodes: at least this many nodes are sampled each round.
+        min_available_nodes: sampling waits until this many nodes are connected.
+        max_num_examples: replies reporting more examples are rejected.
+        fraction_evaluate: fraction of nodes asked for federated evaluation (0 = none).
+        min_evaluate_nodes: at least this many nodes evaluate when it is above 0.
+        seed: seeds the node sampling.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        *,
+        lora_alpha: float,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        max_num_examples: int = 1_000_000,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
+        if not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
+        if min_train_nodes < 1:
+            raise ValueError(f"min-train-nodes must be at least 1, got {min_train_nodes}")
+        if max_num_examples < 1:
+            raise ValueError(f"max-num-examples must be at least 1, got {max_num_examples}")
+        if not lora_alpha > 0:
+            raise ValueError(f"lora-alpha must be positive, got {lora_alpha}")
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=max(min_available_nodes, min_train_nodes),
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
+        self.lora_alpha = lora_alpha
+        self.max_num_examples = max_num_examples
+        self.history: dict[int, RoundStats] = {}
+        self._rng = random.Random(seed)
+        self._specs: dict[int, UpdateSpec] = {}
+        self._global: LoraAdapter | None = None
+
+    # ------------------------------------------------------------------ hooks
+
+    def client_payload(
+        self, server_round: int, node_id: int, global_adapter: LoraAdapter
+    ) -> tuple[LoraAdapter, dict[str, ConfigValue]]:
+        """What node ``node_id`` receives: an adapter and extra config entries."""
+        return global_adapter, {}
+
+    def update_spec(self, node_id: int, sent: LoraAdapter) -> UpdateSpec:
+        """What a valid reply from ``node_id`` looks like, given what it was sent."""
+        return UpdateSpec.matching(sent, max_num_examples=self.max_num_examples)
+
+    @abstractmethod
+    def aggregate_adapters(
+        self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
+    ) -> LoraAdapter:
+        """The new global adapter from the validated updates (a pure function)."""
+
+    # ------------------------------------------------------------ Flower API
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> LoRA strategy: %s (alpha %s)", self.name, self.lora_alpha)
+        super().summary()
+
+    def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """Sample nodes with this strategy's own seeded generator; waits for enough nodes."""
+        waited = 0
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            wanted = max(int(len(nodes) * fraction), minimum)
+            if len(nodes) >= max(wanted, self.min_available_nodes):
+                return self._rng.sample(nodes, wanted)
+            if waited % 10 == 0:
+                log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes), wanted)
+            time.sleep(1)
+            waited += 1
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node with its payload and instructions."""
+        global_adapter = record_to_adapter(arrays, self.lora_alpha)
+        self._global = global_adapter
+        nodes = self.sample(grid, self.fraction_train, self.min_train_nodes)
+        stats = RoundStats(round=server_round, sampled=len(nodes))
+        self.history[server_round] = stats
+        self._specs = {}
+        messages = []
+        for node_id in nodes:
+            payload, extra = self.client_payload(server_round, node_id, global_adapter)
+            record = adapter_to_record(payload)
+            node_config = ConfigRecord(dict(config))
+            node_config.update(
+                {
+                    "server-round": server_round,
+                    "strategy": self.name,
+                    "lora-rank": payload.max_rank,
+                    **extra,
+                }
+            )
+            self._specs[node_id] = self.update_spec(node_id, payload)
+            stats.bytes_down += record_nbytes(record)
+            content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            )
+        log(INFO, "round %d: sampled %d nodes", server_round, len(nodes))
+        return messages
+
+    def collect_updates(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> list[ClientUpdate]:
+        """Validate replies; count and log failures and rejections; return the good ones."""
+        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        updates: dict[int, ClientUpdate] = {}
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            if message.has_error():
+                stats.failed += 1
+                log(WARNING, "round %d: node %d failed: %s", server_round, node_id,
+                    message.error.reason)
+                continue
+            spec = self._specs.get(node_id)
+            try:
+                if spec is None:
+                    raise UpdateRejected("reply from a node not sampled in this round")
+                if node_id in updates:
+                    raise UpdateRejected("second reply from the same node in this round")
+                update = validate_update(
+                    message.content, spec, node_id=node_id, alpha=self.lora_alpha
+                )
+            except UpdateRejected as exc:
+                stats.reject(node_id, exc.reason)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a malformed reply never crashes the server
+                stats.reject(node_id, f"malformed reply ({type(exc).__name__}: {exc})")
+                continue
+            updates[node_id] = update
+            stats.bytes_up += record_nbytes(message.content.array_records[ARRAYS_KEY])
+        stats.accepted = len(updates)
+        accepted = list(updates.values())
+        losses = [(u.metrics["train-loss"], u.num_examples) for u in accepted
+                  if "train-loss" in u.metrics]
+        if losses:
+            total = sum(n for _, n in losses)
+            stats.train_loss = sum(loss * n for loss, n in losses) / total
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, aggregate with the strategy's pure function, report round metrics."""
+        updates = self.collect_updates(server_round, replies)
+        stats = self.history[server_round]
+        log(INFO, "round %d: %d accepted, %d rejected, %d failed", server_round,
+            stats.accepted, stats.rejected, stats.failed)
+        metrics = self.round_metrics(stats)
+        if not updates:
+            log(WARNING, "round %d: no valid update; the global adapter is unchanged",
+                server_round)
+            return None, metrics
+        if self._global is None:
+            raise AggregationError("aggregate_train called before configure_train")
+        try:
+            new_global = self.aggregate_adapters(server_round, self._global, updates)
+        except ValueError as exc:
+            raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
+        self._global = new_global
+        return adapter_to_record(new_global), metrics
+
+    @staticmethod
+    def round_metrics(stats: RoundStats) -> MetricRecord:
+        """The round's counters as a Flower ``MetricRecord``."""
+        record = MetricRecord(
+            {
+                "num-accepted": stats.accepted,
+                "num-rejected": stats.rejected,
+                "num-failed": stats.failed,
+                "bytes-up": stats.bytes_up,
+                "bytes-down": stats.bytes_down,
+            }
+        )
+        if stats.train_loss is not None:
+            record["train-loss"] = stats.train_loss
+        return record

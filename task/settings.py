@@ -1,0 +1,202 @@
+"""Settings of the learning task, parsed once from Flower's flat run config.
+
+One dataclass per concern, each validating itself with messages that name the
+setting and its value. Keys are the field names with ``_`` written as ``-``, the
+same keys as ``[tool.flwr.app.config]`` in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+TASKS = ("classification", "causal-lm")
+PARTITIONERS = ("iid", "dirichlet", "natural")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def run_config_key(field_name: str) -> str:
+    """The run-config key of a dataclass field."""
+    return field_name.replace("_", "-")
+
+
+def settings_keys(cls: type) -> set[str]:
+    """Every run-config key a settings dataclass reads."""
+    return {run_config_key(f.name) for f in dataclasses.fields(cls)}
+
+
+def from_run_config(cls: type[T], config: Mapping[str, Any]) -> T:
+    """Build a settings dataclass from the keys of a flat run config that it knows.
+
+    Values are converted to the field's declared type (``int``, ``float``, ``str``,
+    ``bool``); keys the dataclass does not know are ignored here (the caller checks
+    for unknown keys across all settings).
+    """
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = run_config_key(f.name)
+        if key in config:
+            kwargs[f.name] = _convert(key, config[key], f.type)
+    return cls(**kwargs)
+
+
+def _convert(key: str, value: Any, type_name: Any) -> Any:
+    target = {"int": int, "float": float, "str": str, "bool": bool}.get(str(type_name))
+    if target is None:
+        return value
+    if target is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} must be true or false, got '{value}'")
+        return value.lower() in ("true", "1")
+    if target is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{key} must be a whole number, got {value}")
+    try:
+        return target(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be of type {target.__name__}, got {value!r}") from None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to fine-tune and where it runs.
+
+    ``model``: ``minilm`` (the embedded MiniLM-L6 encoder), ``smollm2`` (the embedded
+    SmolLM2-135M GGUF), ``tiny-bert`` / ``tiny-gpt2`` (tiny random models for tests),
+    a local directory, a ``.gguf`` file, or a Hugging Face hub id.
+    """
+
+    model: str = "minilm"
+    task: str = "classification"
+    precision: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model), "model must not be empty")
+        _check(self.task in TASKS, f"task must be one of {TASKS}, got '{self.task}'")
+        _check(self.precision in PRECISIONS,
+               f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got '{self.device}'")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data, which columns, and how it is split across clients.
+
+    ``dataset``: ``bbc-news`` (embedded), a local file (csv, json, jsonl, parquet), a
+    folder with one sub-folder of text files per label, or a hub dataset name.
+    """
+
+    dataset: str = "bbc-news"
+    text_column: str = "text"
+    label_column: str = "label"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    partition_by: str = ""
+    test_fraction: float = 0.2
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset), "dataset must not be empty")
+        _check(self.partitioner in PARTITIONERS,
+               f"partitioner must be one of {PARTITIONERS}, got '{self.partitioner}'")
+        _check(self.dirichlet_alpha > 0,
+               f"dirichlet-alpha must be positive, got {self.dirichlet_alpha}")
+        _check(0.0 < self.test_fraction < 1.0,
+               f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        _check(self.max_length >= 8, f"max-length must be at least 8, got {self.max_length}")
+        _check(self.partitioner != "natural" or bool(self.partition_by),
+               "partitioner 'natural' needs partition-by (the column to split by)")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter: rank, alpha (scale = alpha / rank), dropout, target modules."""
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: str = "query,value"
+
+    def __post_init__(self) -> None:
+        _check(self.lora_rank >= 1, f"lora-rank must be at least 1, got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"lora-alpha must be positive, got {self.lora_alpha}")
+        _check(0.0 <= self.lora_dropout < 1.0,
+               f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(bool(self.target_modules.strip()), "target-modules must not be empty")
+
+    @property
+    def target_module_list(self) -> list[str] | str:
+        """Target modules as peft expects them (``all-linear`` stays a string)."""
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training on a client: AdamW, steps or epochs, batch, accumulation."""
+
+    learning_rate: float = 2e-3
+    local_steps: int = 20
+    local_epochs: int = 0
+    batch_size: int = 16
+    grad_accumulation: int = 1
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, f"learning-rate must be positive, got {self.learning_rate}")
+        _check(self.local_steps >= 0 and self.local_epochs >= 0,
+               "local-steps and local-epochs must not be negative")
+        _check((self.local_steps > 0) != (self.local_epochs > 0),
+               "set exactly one of local-steps and local-epochs above 0 "
+               f"(got local-steps={self.local_steps}, local-epochs={self.local_epochs})")
+        _check(self.batch_size >= 1, f"batch-size must be at least 1, got {self.batch_size}")
+        _check(self.grad_accumulation >= 1,
+               f"grad-accumulation must be at least 1, got {self.grad_accumulation}")
+        _check(self.weight_decay >= 0, f"weight-decay must not be negative, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Everything a client (and the server's evaluator) needs to build the task."""
+
+    model: ModelSettings
+    data: DataSettings
+    lora: LoraSettings
+    train: TrainSettings
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> TaskSettings:
+        """Parse the task's part of a flat run config."""
+        return cls(
+            model=from_run_config(ModelSettings, config),
+            data=from_run_config(DataSettings, config),
+            lora=from_run_config(LoraSettings, config),
+            train=from_run_config(TrainSettings, config),
+        )
+
+    @staticmethod
+    def keys() -> set[str]:
+        """Run-config keys read by the task settings."""
+        return set().union(
+            *(settings_keys(c) for c in (ModelSettings, DataSettings, LoraSettings, TrainSettings))
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat run-config view of these settings."""
+        flat: dict[str, Any] = {}
+        for part in (self.model, self.data, self.lora, self.train):
+            flat.update({run_config_key(k): v for k, v in dataclasses.asdict(part).items()})
+        return flat
