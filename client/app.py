@@ -14,7 +14,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.partition import node_partition
-from strategies.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, adapter_to_record, record_to_adapter
+from strategies.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    adapter_to_record,
+    record_to_adapter,
+)
 from task.settings import TaskSettings
 
 
@@ -27,7 +33,9 @@ def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> 
     return settings.train.seed * 1_000_003 + server_round * 1_009 + partition_id
 
 
-def train(message: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
+def train(
+    message: Message, context: Context, overrides: Mapping[str, Any] | None = None
+) -> Message:
     """Handle a train message: load the sent adapter, train locally, reply with the result."""
     import torch
 
@@ -64,10 +72,10 @@ def train(message: Message, context: Context, overrides: Mapping[str, Any] | Non
 def evaluate(
     message: Message, context: Context, overrides: Mapping[str, Any] | None = None
 ) -> Message:
-    """Handle an evaluate message: score the sent adapter on this node's shard of the
-    held-out split."""
+    """Handle an evaluate message: score the sent adapter on this node's held-out shard."""
     from task.runtime import cached_runtime
-    from task.training import encode, evaluate as evaluate_model
+    from task.training import encode
+    from task.training import evaluate as evaluate_model
 
     settings = _settings(context, overrides)
     partition_id, num_partitions = node_partition(context.node_config)
@@ -77,7 +85,8 @@ def evaluate(
     data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
     scores = evaluate_model(runtime.model, runtime.tokenizer, data, batch_size=64,
                             device=runtime.device, autocast=runtime.autocast)
-    metrics = MetricRecord({"num-examples": len(data), **{f"eval-{k}": v for k, v in scores.items()}})
+    metrics = MetricRecord({"num-examples": len(data),
+                            **{f"eval-{k}": v for k, v in scores.items()}})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
 
 

@@ -16,6 +16,7 @@ def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
 
     Raises:
         ValueError: either key is missing or out of range, with the fix.
+
     """
     try:
         partition_id = int(node_config["partition-id"])

@@ -75,7 +75,7 @@ class FederatedRun:
         return server_round % fed.eval_every == 0 or server_round == fed.num_rounds
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Server-side evaluation, checkpoint and metrics after each round (and before the first)."""
+        """Evaluate on the server, checkpoint and record metrics after a round (and before one)."""
         from task.training import evaluate
 
         started = time.monotonic()

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from strategies import get_strategy_class
 from task.settings import TaskSettings, from_run_config, run_config_key, settings_keys
 
 
@@ -54,6 +55,7 @@ class FederationSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        get_strategy_class(self.strategy)  # an unknown name fails here, listing known ones
 
 
 @dataclass(frozen=True)

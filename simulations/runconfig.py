@@ -6,11 +6,13 @@ import shlex
 
 
 def parse_run_config(text: str) -> dict[str, str]:
-    """Split ``key=value`` pairs (shell-style quoting); values stay strings and are typed
-    by the settings dataclasses.
+    """Split ``key=value`` pairs (shell-style quoting) into a dict of strings.
+
+    Values are typed later, by the settings dataclasses.
 
     Raises:
         ValueError: an item without ``=`` or with an empty key.
+
     """
     config: dict[str, str] = {}
     for item in shlex.split(text or ""):

@@ -44,6 +44,7 @@ def simulate(
     Raises:
         ValueError: a bad setting (before Ray starts).
         RuntimeError: the run ended without writing its final metrics.
+
     """
     settings = RunSettings.from_run_config(run_config)
     if num_clients < settings.federation.min_train_nodes:

@@ -104,6 +104,7 @@ class LoraAdapter:
         Raises:
             ValueError: a module has only one of its two factors, or the state holds a
                 LoRA parameter this structure does not model (DoRA magnitudes, LoRA bias).
+
         """
         a_parts: dict[str, np.ndarray] = {}
         b_parts: dict[str, np.ndarray] = {}

@@ -80,6 +80,7 @@ class LoraStrategy(FedAvg):
         fraction_evaluate: fraction of nodes asked for federated evaluation (0 = none).
         min_evaluate_nodes: at least this many nodes evaluate when it is above 0.
         seed: seeds the node sampling.
+
     """
 
     name: ClassVar[str] = "base"

@@ -35,6 +35,7 @@ def get_strategy_class(name: str) -> type[LoraStrategy]:
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
+
     """
     try:
         return _REGISTRY[name]

@@ -53,6 +53,7 @@ class UpdateSpec:
         required_keys: keys that must be present; by default every module's A and B
             and every extra. Strategies that upload only part of the adapter (B only,
             say) narrow it.
+
     """
 
     modules: dict[str, ModuleSpec]
@@ -177,6 +178,7 @@ def validate_update(
 
     Raises:
         UpdateRejected: with the reason, for any deviation from ``spec``.
+
     """
     if set(content.array_records) != {ARRAYS_KEY}:
         raise UpdateRejected(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from strategies.adapter import LoraAdapter
 
@@ -13,12 +14,16 @@ if TYPE_CHECKING:
 
 
 def get_adapter(model: PeftModel, alpha: float) -> LoraAdapter:
-    """The model's trainable adapter state (LoRA factors and ``modules_to_save``)."""
+    """A copy of the model's trainable adapter state (LoRA factors and ``modules_to_save``).
+
+    The arrays never alias the model's parameters, so later training does not change them.
+    """
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
     return LoraAdapter.from_state_dict(
-        {k: v.detach().float().cpu().numpy() for k, v in state.items()}, alpha
+        {k: v.detach().to("cpu", dtype=torch.float32, copy=True).numpy() for k, v in state.items()},
+        alpha,
     )
 
 
@@ -28,8 +33,8 @@ def set_adapter(model: PeftModel, adapter: LoraAdapter) -> None:
     Raises:
         ValueError: the adapter's keys differ from the model's adapter keys, or a shape
             does not match.
+
     """
-    import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     expected = get_peft_model_state_dict(model)

@@ -1,5 +1,8 @@
-"""Data: Hugging Face ``datasets`` from the embedded corpus, local files or the hub,
-a fixed held-out split for the server, and flwr-datasets partitioning for clients."""
+"""Data: Hugging Face ``datasets``, a held-out split, and flwr-datasets partitions.
+
+Sources are the embedded corpus, local files or the hub; the held-out split is fixed by
+the seed and serves the server's evaluation; clients partition the rest.
+"""
 
 from __future__ import annotations
 
@@ -152,6 +155,7 @@ def load_partition(
     Raises:
         ValueError: the id is out of range, the natural partition count does not match,
             or the partition is empty.
+
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")

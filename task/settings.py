@@ -165,7 +165,8 @@ class TrainSettings:
         _check(self.batch_size >= 1, f"batch-size must be at least 1, got {self.batch_size}")
         _check(self.grad_accumulation >= 1,
                f"grad-accumulation must be at least 1, got {self.grad_accumulation}")
-        _check(self.weight_decay >= 0, f"weight-decay must not be negative, got {self.weight_decay}")
+        _check(self.weight_decay >= 0,
+               f"weight-decay must not be negative, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ class TaskSettings:
     def keys() -> set[str]:
         """Run-config keys read by the task settings."""
         return set().union(
-            *(settings_keys(c) for c in (ModelSettings, DataSettings, LoraSettings, TrainSettings))
+            *(settings_keys(c)
+              for c in (ModelSettings, DataSettings, LoraSettings, TrainSettings))
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+import pytest
+
+from simulations.cli import build_parser, main, simulate_run_config
+from simulations.runconfig import parse_run_config
+
+
+def test_help_is_fast_because_heavy_libraries_are_lazy():
+    code = ("import sys, simulations.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'opacus', 'ray', 'flwr') "
+            "if m in sys.modules]\nassert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_run_config_parsing():
+    assert parse_run_config('lora-rank=4 results-dir="/tmp/a b" strategy=fedit') == {
+        "lora-rank": "4", "results-dir": "/tmp/a b", "strategy": "fedit"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_run_config("lora-rank")
+
+
+def test_explicit_options_override_run_config():
+    args = build_parser().parse_args(
+        ["simulate", "--rank", "16", "--num-clients", "6", "--run-config", "lora-rank=4 seed=3"])
+    config = simulate_run_config(args)
+    assert config["lora-rank"] == 16 and config["seed"] == "3"
+    assert config["min-available-nodes"] == 6
+
+
+def test_bad_setting_exits_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--run-config", "lora-rank=0"])
+    assert info.value.code == 2
+    assert "lora-rank must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_unknown_strategy_lists_known(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--strategy", "fedprox-lora"])
+    assert "unknown strategy 'fedprox-lora'; known strategies: fedit" in capsys.readouterr().err
