@@ -59,7 +59,7 @@ def measure(name: str, clients: int) -> dict[str, float]:
     replies = [RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": 100})})
                for r in records]
     start = time.perf_counter()
-    decoded = [validate_update(c, spec, node_id=i, alpha=adapters[0].alpha).adapter
+    decoded = [LoraAdapter.from_state_dict(validate_update(c, spec, node_id=i).state, 16.0)
                for i, c in enumerate(replies)]
     decode_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -8,20 +8,21 @@ from each message, so a reused client returns exactly what a fresh one would.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.partition import node_partition
-from strategies.wire import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    METRICS_KEY,
-    adapter_to_record,
-    record_to_adapter,
-)
+from client.private_state import load_private, store_private
+from strategies.adapter import LoraAdapter
+from strategies.instructions import ClientInstructions
+from strategies.parts import ALL_PARTS, select_parts
+from strategies.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
 from task.settings import TaskSettings
+
+if TYPE_CHECKING:
+    from task.runtime import TaskRuntime
 
 
 def _settings(context: Context, overrides: Mapping[str, Any] | None) -> TaskSettings:
@@ -33,10 +34,36 @@ def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> 
     return settings.train.seed * 1_000_003 + server_round * 1_009 + partition_id
 
 
+def prepare_adapter(
+    runtime: TaskRuntime, received: ArrayRecord, instructions: ClientInstructions,
+    context: Context,
+) -> None:
+    """Activate the instructed adapter and load it.
+
+    The adapter starts from its fresh init, overwritten by what was received, overwritten
+    by this client's private parts from earlier rounds.
+    """
+    runtime.activate(instructions.rank, instructions.alpha)
+    state = runtime.initial().to_state_dict()
+    incoming = {key: array.numpy() for key, array in received.items()}
+    unexpected = sorted(set(incoming) - set(state))
+    if unexpected:
+        raise ValueError(f"received adapter keys this model does not have: {unexpected[:3]}")
+    state.update(incoming)
+    if instructions.private_parts:
+        state.update(select_parts(load_private(context, instructions.rank),
+                                  instructions.private_parts))
+    runtime.set_adapter(LoraAdapter.from_state_dict(state, instructions.alpha))
+
+
 def train(
     message: Message, context: Context, overrides: Mapping[str, Any] | None = None
 ) -> Message:
-    """Handle a train message: load the sent adapter, train locally, reply with the result."""
+    """Handle a train message: load the sent adapter, train locally, reply with the result.
+
+    Only the parts the instructions name are trained and sent back; private parts are
+    stored in ``context.state`` and never put in the reply.
+    """
     import torch
 
     from task.runtime import cached_runtime
@@ -44,17 +71,21 @@ def train(
 
     settings = _settings(context, overrides)
     partition_id, num_partitions = node_partition(context.node_config)
-    config = message.content[CONFIG_KEY]
-    server_round = int(config.get("server-round", 0))
+    instructions = ClientInstructions.from_config(message.content[CONFIG_KEY])
     runtime = cached_runtime(settings)
     data = runtime.encoded_partition(partition_id, num_partitions)
-    received = record_to_adapter(message.content[ARRAYS_KEY], settings.lora.lora_alpha)
-    runtime.set_adapter(received)
-    seed = round_seed(settings, server_round, partition_id)
-    with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
-        torch.manual_seed(seed)
-        result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
-                             device=runtime.device, autocast=runtime.autocast, seed=seed)
+    prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
+    runtime.set_trainable(instructions.train_parts)
+    seed = round_seed(settings, instructions.server_round, partition_id)
+    try:
+        with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
+            torch.manual_seed(seed)
+            result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
+                                 device=runtime.device, autocast=runtime.autocast, seed=seed)
+    finally:
+        runtime.set_trainable(ALL_PARTS)
+    trained = runtime.get_adapter().to_state_dict()
+    store_private(context, instructions.rank, select_parts(trained, instructions.private_parts))
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "train-loss": result.loss_mean,
@@ -63,9 +94,10 @@ def train(
         "steps": result.steps,
         "train-seconds": result.seconds,
         "partition-id": partition_id,
+        "rank": instructions.rank,
     })
-    content = RecordDict({ARRAYS_KEY: adapter_to_record(runtime.get_adapter()),
-                          METRICS_KEY: metrics})
+    outgoing = select_parts(trained, instructions.send_parts)
+    content = RecordDict({ARRAYS_KEY: state_to_record(outgoing), METRICS_KEY: metrics})
     return Message(content, reply_to=message)
 
 
@@ -80,7 +112,12 @@ def evaluate(
     settings = _settings(context, overrides)
     partition_id, num_partitions = node_partition(context.node_config)
     runtime = cached_runtime(settings)
-    runtime.set_adapter(record_to_adapter(message.content[ARRAYS_KEY], settings.lora.lora_alpha))
+    config = message.content[CONFIG_KEY]
+    instructions = (ClientInstructions.from_config(config) if "lora-rank" in config else
+                    ClientInstructions(server_round=int(config.get("server-round", 0)),
+                                       strategy="", rank=settings.lora.lora_rank,
+                                       alpha=settings.lora.lora_alpha))
+    prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
     shard = runtime.data.test.shard(num_shards=num_partitions, index=partition_id)
     data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
     scores = evaluate_model(runtime.model, runtime.tokenizer, data, batch_size=64,

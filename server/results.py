@@ -30,19 +30,30 @@ class ResultsWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_checkpoints = keep_checkpoints
         self.records: list[dict[str, Any]] = []
+        self.details: dict[str, Any] = {}
         _atomic_write(self.root / "config.json", json.dumps(config, indent=2) + "\n")
 
-    def add_round(self, record: dict[str, Any]) -> None:
-        """Append one round's record and rewrite the metrics files."""
-        self.records.append({c: record.get(c) for c in METRIC_COLUMNS})
+    def add_round(self, record: dict[str, Any], details: dict[str, Any] | None = None) -> None:
+        """Append one round's record (and per-module/per-client details); rewrite the files.
+
+        The standard columns come first; strategy-specific ones follow in sorted order.
+        """
+        extra = sorted(set(record) - set(METRIC_COLUMNS))
+        self.records.append({**{c: record.get(c) for c in METRIC_COLUMNS},
+                             **{c: record[c] for c in extra}})
         _atomic_write(self.root / "metrics.json", json.dumps(self.records, indent=2) + "\n")
+        seen = {k for r in self.records for k in r}
+        columns = METRIC_COLUMNS + sorted(seen - set(METRIC_COLUMNS))
         tmp = self.root / "metrics.csv.tmp"
         with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             for row in self.records:
-                writer.writerow({k: "" if v is None else v for k, v in row.items()})
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
         os.replace(tmp, self.root / "metrics.csv")
+        if details:
+            self.details[str(record["round"])] = details
+            _atomic_write(self.root / "details.json", json.dumps(self.details, indent=2) + "\n")
 
     def save_adapter(self, model: Any, name: str) -> Path:
         """Save the model's adapter in PEFT's format under ``name``, atomically."""

@@ -90,7 +90,7 @@ class FederatedRun:
         if server_round > 0 and self.settings.federation.keep_checkpoints > 0:
             self.writer.save_checkpoint(self.runtime.model, server_round)
         record = self._round_record(server_round, scores, time.monotonic() - started)
-        self.writer.add_round(record)
+        self.writer.add_round(record, self._round_details(server_round))
         self._log_round(record)
         if self.on_round is not None:
             self.on_round(record)
@@ -111,7 +111,20 @@ class FederatedRun:
             record.update(train_loss=stats.train_loss, num_sampled=stats.sampled,
                           num_accepted=stats.accepted, num_rejected=stats.rejected,
                           num_failed=stats.failed)
+            record.update({k.replace("-", "_"): v for k, v in stats.metrics.items()})
         return record
+
+    def _round_details(self, server_round: int) -> dict[str, Any]:
+        """Per-client and per-module figures of a round, for ``details.json``."""
+        stats = self.strategy.history.get(server_round)
+        if stats is None:
+            return {}
+        details: dict[str, Any] = {"client_ranks": {str(k): v for k, v in
+                                                    sorted(stats.client_ranks.items())}}
+        if stats.rejections:
+            details["rejections"] = [{"node": n, "reason": r} for n, r in stats.rejections]
+        details.update(stats.details)
+        return details
 
     def _log_round(self, r: dict[str, Any]) -> None:
         total = self.settings.federation.num_rounds

@@ -9,6 +9,7 @@ function. The round loop itself stays Flower's (``Strategy.start``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from abc import abstractmethod
@@ -30,6 +31,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from strategies.adapter import LoraAdapter
+from strategies.instructions import ClientInstructions, ConfigValue
+from strategies.parts import ALL_PARTS, select_parts
 from strategies.validation import ClientUpdate, UpdateRejected, UpdateSpec, validate_update
 from strategies.wire import (
     ARRAYS_KEY,
@@ -37,9 +40,8 @@ from strategies.wire import (
     adapter_to_record,
     record_nbytes,
     record_to_adapter,
+    state_to_record,
 )
-
-ConfigValue = int | float | str | bool
 
 
 class AggregationError(RuntimeError):
@@ -60,12 +62,24 @@ class RoundStats:
     train_loss: float | None = None
     rejections: list[tuple[int, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    client_ranks: dict[int, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def reject(self, node_id: int, reason: str) -> None:
         """Count and log a rejected update."""
         self.rejected += 1
         self.rejections.append((node_id, reason))
         log(WARNING, "round %d: rejected update from node %d: %s", self.round, node_id, reason)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What one node receives: its adapter, the parts of it that travel, its instructions."""
+
+    adapter: LoraAdapter
+    instructions: ClientInstructions
+    sent_parts: frozenset[str] = ALL_PARTS
 
 
 class LoraStrategy(FedAvg):
@@ -84,6 +98,13 @@ class LoraStrategy(FedAvg):
     """
 
     name: ClassVar[str] = "base"
+    #: parts a client trains, sends back, keeps private; parts the server sends down
+    train_parts: ClassVar[frozenset[str]] = ALL_PARTS
+    send_parts: ClassVar[frozenset[str]] = ALL_PARTS
+    private_parts: ClassVar[frozenset[str]] = frozenset()
+    download_parts: ClassVar[frozenset[str]] = ALL_PARTS
+    #: whether a client must return exactly the rank it was sent (else any lower rank)
+    exact_rank: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -121,19 +142,49 @@ class LoraStrategy(FedAvg):
         self.history: dict[int, RoundStats] = {}
         self._rng = random.Random(seed)
         self._specs: dict[int, UpdateSpec] = {}
+        self._payloads: dict[int, Payload] = {}
         self._global: LoraAdapter | None = None
 
     # ------------------------------------------------------------------ hooks
 
+    def client_rank(self, node_id: int, global_adapter: LoraAdapter) -> int:
+        """The LoRA rank of node ``node_id`` this round (default: the global rank)."""
+        return global_adapter.max_rank
+
+    def client_options(self, server_round: int, node_id: int) -> dict[str, ConfigValue]:
+        """Strategy-specific options sent to a client (default: none)."""
+        return {}
+
+    def client_adapter(
+        self, server_round: int, node_id: int, global_adapter: LoraAdapter, rank: int
+    ) -> LoraAdapter:
+        """The adapter node ``node_id`` starts from (default: the global one)."""
+        return global_adapter
+
     def client_payload(
         self, server_round: int, node_id: int, global_adapter: LoraAdapter
-    ) -> tuple[LoraAdapter, dict[str, ConfigValue]]:
-        """What node ``node_id`` receives: an adapter and extra config entries."""
-        return global_adapter, {}
+    ) -> Payload:
+        """What node ``node_id`` receives this round."""
+        rank = self.client_rank(node_id, global_adapter)
+        adapter = self.client_adapter(server_round, node_id, global_adapter, rank)
+        instructions = ClientInstructions(
+            server_round=server_round, strategy=self.name, rank=rank,
+            alpha=self.client_alpha(rank, global_adapter), train_parts=self.train_parts,
+            send_parts=self.send_parts, private_parts=self.private_parts,
+            options=self.client_options(server_round, node_id),
+        )
+        return Payload(adapter, instructions, self.download_parts)
 
-    def update_spec(self, node_id: int, sent: LoraAdapter) -> UpdateSpec:
-        """What a valid reply from ``node_id`` looks like, given what it was sent."""
-        return UpdateSpec.matching(sent, max_num_examples=self.max_num_examples)
+    def client_alpha(self, rank: int, global_adapter: LoraAdapter) -> float:
+        """The alpha of a client at ``rank`` (default: the run's alpha)."""
+        return self.lora_alpha
+
+    def update_spec(self, node_id: int, payload: Payload) -> UpdateSpec:
+        """What a valid reply looks like, given what the node was sent."""
+        spec = UpdateSpec.matching(payload.adapter, max_num_examples=self.max_num_examples,
+                                   exact_rank=self.exact_rank)
+        required = frozenset(select_parts(payload.adapter.to_state_dict(), self.send_parts))
+        return dataclasses.replace(spec, required_keys=required)
 
     @abstractmethod
     def aggregate_adapters(
@@ -172,19 +223,15 @@ class LoraStrategy(FedAvg):
         self.history[server_round] = stats
         self._specs = {}
         messages = []
+        self._payloads = {}
         for node_id in nodes:
-            payload, extra = self.client_payload(server_round, node_id, global_adapter)
-            record = adapter_to_record(payload)
+            payload = self.client_payload(server_round, node_id, global_adapter)
+            record = state_to_record(select_parts(payload.adapter.to_state_dict(),
+                                                  payload.sent_parts))
             node_config = ConfigRecord(dict(config))
-            node_config.update(
-                {
-                    "server-round": server_round,
-                    "strategy": self.name,
-                    "lora-rank": payload.max_rank,
-                    **extra,
-                }
-            )
+            node_config.update(payload.instructions.to_config())
             self._specs[node_id] = self.update_spec(node_id, payload)
+            self._payloads[node_id] = payload
             stats.bytes_down += record_nbytes(record)
             content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
             messages.append(
@@ -212,16 +259,19 @@ class LoraStrategy(FedAvg):
                     raise UpdateRejected("reply from a node not sampled in this round")
                 if node_id in updates:
                     raise UpdateRejected("second reply from the same node in this round")
-                update = validate_update(
-                    message.content, spec, node_id=node_id, alpha=self.lora_alpha
-                )
+                update = validate_update(message.content, spec, node_id=node_id)
             except UpdateRejected as exc:
                 stats.reject(node_id, exc.reason)
                 continue
             except Exception as exc:  # noqa: BLE001 - a malformed reply never crashes the server
                 stats.reject(node_id, f"malformed reply ({type(exc).__name__}: {exc})")
                 continue
+            update.adapter = LoraAdapter.from_state_dict(
+                {**self._payloads[node_id].adapter.to_state_dict(), **update.state},
+                self._payloads[node_id].instructions.alpha,
+            )
             updates[node_id] = update
+            stats.client_ranks[node_id] = update.adapter.max_rank
             stats.bytes_up += record_nbytes(message.content.array_records[ARRAYS_KEY])
         stats.accepted = len(updates)
         accepted = list(updates.values())
@@ -268,4 +318,5 @@ class LoraStrategy(FedAvg):
         )
         if stats.train_loss is not None:
             record["train-loss"] = stats.train_loss
+        record.update(stats.metrics)
         return record

@@ -6,12 +6,14 @@ This is inexact: ``avg(B) @ avg(A) != avg(B @ A)``; FFA-LoRA and FlexLoRA addres
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from strategies.adapter import LoraAdapter, LoraFactors
 from strategies.base import LoraStrategy
+from strategies.exactness import aggregation_error
+from strategies.parts import select_parts
 from strategies.registry import register_strategy
 from strategies.validation import ClientUpdate
 
@@ -52,6 +54,26 @@ def fedit_aggregate(adapters: Sequence[LoraAdapter], num_examples: Sequence[int]
     return LoraAdapter(modules=modules, alpha=first.alpha, extras=extras)
 
 
+def average_parts(
+    global_adapter: LoraAdapter,
+    adapters: Sequence[LoraAdapter],
+    num_examples: Sequence[int],
+    parts: Iterable[str],
+) -> LoraAdapter:
+    """The global adapter with ``parts`` replaced by their data-size weighted average.
+
+    Parts not listed are taken from ``global_adapter`` unchanged (bit for bit).
+    """
+    if not adapters:
+        raise ValueError("average_parts needs at least one adapter")
+    w = normalized_weights(num_examples)
+    keys = select_parts(global_adapter.to_state_dict(), parts)
+    states = [a.to_state_dict() for a in adapters]
+    state = global_adapter.to_state_dict()
+    state.update({k: weighted_mean([s[k] for s in states], w) for k in keys})
+    return LoraAdapter.from_state_dict(state, global_adapter.alpha)
+
+
 @register_strategy("fedit")
 class FedIT(LoraStrategy):
     """FedAvg of LoRA: every client trains A and B at the global rank; the server averages."""
@@ -59,6 +81,22 @@ class FedIT(LoraStrategy):
     def aggregate_adapters(
         self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
     ) -> LoraAdapter:
-        """Weighted average of the clients' adapters."""
+        """Weighted average of the parts clients send; records the aggregation error."""
         adapters = [u.adapter for u in updates if u.adapter is not None]
-        return fedit_aggregate(adapters, [u.num_examples for u in updates])
+        counts = [u.num_examples for u in updates]
+        new_global = average_parts(global_adapter, adapters, counts, self.send_parts)
+        self.record_aggregation_error(server_round, new_global, adapters, counts)
+        return new_global
+
+    def record_aggregation_error(
+        self, server_round: int, aggregate: LoraAdapter, adapters: Sequence[LoraAdapter],
+        counts: Sequence[int],
+    ) -> None:
+        """Log ``||avg(B) avg(A) - avg(B A)|| / ||avg(B A)||`` per module for this round."""
+        errors = aggregation_error(aggregate, adapters, normalized_weights(counts))
+        stats = self.history[server_round]
+        stats.details["aggregation_error"] = errors
+        if errors:
+            values = list(errors.values())
+            stats.metrics["agg-error-mean"] = float(np.mean(values))
+            stats.metrics["agg-error-max"] = float(np.max(values))

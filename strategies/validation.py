@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraAdapter, LoraFactors
+from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraAdapter
 from strategies.wire import ARRAYS_KEY, METRICS_KEY
 
 NUM_EXAMPLES_KEY = "num-examples"
@@ -98,8 +98,9 @@ class UpdateSpec:
 class ClientUpdate:
     """A validated update from one client.
 
-    ``state`` holds the decoded arrays by PEFT key (what the client sent, which may be a
-    part of the adapter); ``adapter`` is set when the update carries whole modules.
+    ``state`` holds the decoded arrays by PEFT key: what the client sent, which may be a
+    part of the adapter. ``adapter`` is the client's whole adapter: what it sent, and for
+    the parts it did not send, what the server had sent it (set by the strategy).
     """
 
     node_id: int
@@ -171,10 +172,8 @@ def _check_modules(state: dict[str, np.ndarray], spec: UpdateSpec) -> None:
             raise UpdateRejected(f"{key}: shape {state[key].shape} != expected {shape}")
 
 
-def validate_update(
-    content: RecordDict, spec: UpdateSpec, *, node_id: int, alpha: float
-) -> ClientUpdate:
-    """Validate one reply's content and decode it (``alpha`` is the run's LoRA alpha).
+def validate_update(content: RecordDict, spec: UpdateSpec, *, node_id: int) -> ClientUpdate:
+    """Validate one reply's content and decode it.
 
     Raises:
         UpdateRejected: with the reason, for any deviation from ``spec``.
@@ -201,21 +200,9 @@ def validate_update(
     state = {key: _decode(key, record[key]) for key in expected}
     _check_modules(state, spec)
 
-    adapter = None
-    if all(m + LORA_A_SUFFIX in state and m + LORA_B_SUFFIX in state for m in spec.modules):
-        adapter = LoraAdapter(
-            modules={
-                m: LoraFactors(A=state[m + LORA_A_SUFFIX], B=state[m + LORA_B_SUFFIX])
-                for m in spec.modules
-            },
-            alpha=alpha,
-            extras={k: state[k] for k in spec.extras if k in state},
-        )
     numeric = {
         k: float(v)
         for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
     }
-    return ClientUpdate(
-        node_id=node_id, num_examples=num_examples, state=state, metrics=numeric, adapter=adapter
-    )
+    return ClientUpdate(node_id=node_id, num_examples=num_examples, state=state, metrics=numeric)

@@ -9,18 +9,20 @@ message, so a cached runtime gives exactly the update a fresh one would.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from strategies.adapter import LoraAdapter
-from task.adapters import get_adapter, set_adapter
+from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainable_parts
 from task.data import TaskData, load_partition, load_task_data
 from task.model import attach_lora, autocast_dtype, load_base_model, load_tokenizer, select_device
 from task.settings import TaskSettings
 from task.training import Encoded, encode
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
 
@@ -34,7 +36,8 @@ class TaskRuntime:
     data: TaskData
     device: torch.device
     autocast: torch.dtype | None
-    initial_adapter: LoraAdapter
+    _initial: dict[str, LoraAdapter]
+    active: str = DEFAULT_ADAPTER
     _encoded: dict[Any, Encoded] = field(default_factory=dict)
 
     @classmethod
@@ -53,16 +56,63 @@ class TaskRuntime:
             data=data,
             device=device,
             autocast=autocast_dtype(settings.model.precision, device),
-            initial_adapter=get_adapter(model, settings.lora.lora_alpha),
+            _initial={DEFAULT_ADAPTER: get_adapter(model, settings.lora.lora_alpha)},
         )
 
+    @property
+    def initial_adapter(self) -> LoraAdapter:
+        """The freshly initialised default adapter (rank and alpha of the run settings)."""
+        return self._initial[DEFAULT_ADAPTER]
+
+    def activate(self, rank: int | None = None, alpha: float | None = None) -> str:
+        """Make the adapter of this rank and alpha the active one, creating it on first use.
+
+        Adapters other than the default are initialised from a seed derived from the run
+        seed and the rank, so every process (clients and server) builds the same one.
+        """
+        from peft import LoraConfig
+
+        lora = self.settings.lora
+        rank = lora.lora_rank if rank is None else rank
+        alpha = lora.lora_alpha if alpha is None else alpha
+        if (rank, alpha) == (lora.lora_rank, lora.lora_alpha):
+            name = DEFAULT_ADAPTER
+        else:
+            name = f"r{rank}-a{alpha:g}"
+        if name not in self.model.peft_config:
+            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=lora.lora_dropout,
+                                target_modules=lora.target_module_list,
+                                task_type=self.model.peft_config[DEFAULT_ADAPTER].task_type)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.train.seed * 7919 + rank)
+                self.model.add_adapter(name, config)
+            self.model.to(self.device)
+        self.model.set_adapter(name)
+        self.active = name
+        if name not in self._initial:
+            self._initial[name] = get_adapter(self.model, alpha, name)
+        return name
+
+    @property
+    def alpha(self) -> float:
+        """The alpha of the active adapter."""
+        return float(self.model.peft_config[self.active].lora_alpha)
+
+    def initial(self) -> LoraAdapter:
+        """The freshly initialised state of the active adapter."""
+        return self._initial[self.active]
+
     def get_adapter(self) -> LoraAdapter:
-        """The model's current adapter."""
-        return get_adapter(self.model, self.settings.lora.lora_alpha)
+        """The active adapter's current state."""
+        return get_adapter(self.model, self.alpha, self.active)
 
     def set_adapter(self, adapter: LoraAdapter) -> None:
-        """Replace every adapter parameter of the model."""
-        set_adapter(self.model, adapter)
+        """Replace every parameter of the active adapter."""
+        set_adapter(self.model, adapter, self.active)
+
+    def set_trainable(self, parts: Iterable[str]) -> None:
+        """Train only these parts of the active adapter."""
+        set_trainable_parts(self.model, parts, self.active)
 
     def encoded_partition(self, partition_id: int, num_partitions: int) -> Encoded:
         """Client ``partition_id``'s tokenized share of the train pool (cached)."""

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.app import train
+from client.app import prepare_adapter, train
 from client.partition import node_partition
-from strategies.wire import adapter_to_record, record_to_adapter
+from strategies.instructions import ClientInstructions
+from strategies.parts import ALL_PARTS, EXTRAS, LORA_A, LORA_B, part_of, select_parts
+from strategies.wire import state_to_record
 from task import runtime as runtime_module
 from task.runtime import cached_runtime
 from task.settings import TaskSettings
@@ -21,11 +23,17 @@ def _context(run_config, partition_id=0, num_partitions=2):
                    state=RecordDict(), run_config=run_config)
 
 
-def _train_message(run_config, server_round=1):
+def _train_message(run_config, server_round=1, *, train=ALL_PARTS, send=ALL_PARTS,
+                   private=frozenset(), download=ALL_PARTS):
     settings = TaskSettings.from_run_config(run_config)
     adapter = cached_runtime(settings).initial_adapter
-    content = RecordDict({"arrays": adapter_to_record(adapter),
-                          "config": ConfigRecord({"server-round": server_round})})
+    instructions = ClientInstructions(
+        server_round=server_round, strategy="test", rank=settings.lora.lora_rank,
+        alpha=settings.lora.lora_alpha, train_parts=frozenset(train), send_parts=frozenset(send),
+        private_parts=frozenset(private))
+    content = RecordDict({
+        "arrays": state_to_record(select_parts(adapter.to_state_dict(), download)),
+        "config": ConfigRecord(instructions.to_config())})
     return Message(content=content, message_type="train", dst_node_id=5), adapter
 
 
@@ -36,9 +44,10 @@ def test_train_reply_carries_the_trained_adapter_and_metrics(tiny_bert_dir, toy_
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 96  # half of the 192 training examples (iid)
     assert metrics["steps"] == 3
-    got = record_to_adapter(reply.content["arrays"], sent.alpha)
-    assert got.ranks == sent.ranks
-    assert any(not np.array_equal(got.modules[m].B, sent.modules[m].B) for m in got.modules)
+    arrays = reply.content["arrays"]
+    assert set(arrays) == set(sent.to_state_dict())
+    changed = [k for k in arrays if not np.array_equal(arrays[k].numpy(), sent.to_state_dict()[k])]
+    assert any(part_of(k) == LORA_B for k in changed)
 
 
 def test_a_cached_client_returns_exactly_what_a_fresh_one_does(tiny_bert_dir, toy_csv):
@@ -54,6 +63,59 @@ def test_a_cached_client_returns_exactly_what_a_fresh_one_does(tiny_bert_dir, to
         a = first.content["arrays"][key].numpy()
         np.testing.assert_array_equal(a, second.content["arrays"][key].numpy())
         np.testing.assert_array_equal(a, third.content["arrays"][key].numpy())
+
+
+def test_ffa_client_never_trains_or_sends_a(tiny_bert_dir, toy_csv):
+    config = tiny_run_config(tiny_bert_dir, toy_csv)
+    parts = {LORA_B, EXTRAS}
+    message, sent = _train_message(config, train=parts, send=parts, download=parts)
+    assert not any(part_of(k) == LORA_A for k in message.content["arrays"])
+    reply = train(message, _context(config))
+    assert {part_of(k) for k in reply.content["arrays"]} == parts
+    runtime = cached_runtime(TaskSettings.from_run_config(config))
+    after = runtime.get_adapter()
+    for name, factors in after.modules.items():  # A unchanged, bit for bit
+        np.testing.assert_array_equal(factors.A, sent.modules[name].A)
+    assert any(not np.array_equal(after.modules[m].B, sent.modules[m].B) for m in after.modules)
+    assert all(p.requires_grad for n, p in runtime.model.named_parameters() if ".lora_A." in n
+               and ".default." in n)  # frozen only during training
+
+
+def test_private_parts_stay_on_the_client_across_rounds(tiny_bert_dir, toy_csv):
+    config = tiny_run_config(tiny_bert_dir, toy_csv)
+    context = _context(config)
+    shared = {LORA_A, EXTRAS}
+    message, _ = _train_message(config, send=shared, download=shared, private={LORA_B})
+    reply = train(message, context)
+    assert not any(part_of(k) == LORA_B for k in reply.content["arrays"])
+    stored = {k: a.numpy() for k, a in
+              context.state.array_records["fedlora.private-adapter.r4"].items()}
+    assert stored and all(part_of(k) == LORA_B for k in stored)
+    assert any(np.abs(v).sum() > 0 for v in stored.values())  # B was trained
+    # next round: the client's own B is loaded, not the (zero) initial one
+    next_message, _ = _train_message(config, server_round=2, send=shared, download=shared,
+                                     private={LORA_B})
+    runtime = cached_runtime(TaskSettings.from_run_config(config))
+    instructions = ClientInstructions.from_config(next_message.content["config"])
+    prepare_adapter(runtime, next_message.content["arrays"], instructions, context)
+    loaded = runtime.get_adapter().to_state_dict()
+    for key, value in stored.items():
+        np.testing.assert_array_equal(loaded[key], value)
+
+
+def test_received_keys_the_model_lacks_are_an_error(tiny_bert_dir, toy_csv):
+    config = tiny_run_config(tiny_bert_dir, toy_csv)
+    message, _ = _train_message(config)
+    message.content["arrays"]["evil.lora_A.weight"] = message.content["arrays"][
+        next(iter(message.content["arrays"]))]
+    with pytest.raises(ValueError, match="keys this model does not have"):
+        train(message, _context(config))
+
+
+def test_instructions_cannot_send_a_private_part():
+    with pytest.raises(ValueError, match="private and must never be sent"):
+        ClientInstructions(server_round=1, strategy="x", rank=4, alpha=8.0,
+                           send_parts=ALL_PARTS, private_parts=frozenset({LORA_B}))
 
 
 def test_node_config_without_partition_says_how_to_fix():

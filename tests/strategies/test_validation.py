@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from strategies.adapter import LoraAdapter
 from strategies.validation import UpdateRejected, UpdateSpec, validate_update
 from strategies.wire import adapter_to_record
 from tests.conftest import random_adapter
@@ -32,16 +31,16 @@ def with_array(key: str, array: Array) -> ArrayRecord:
 
 def rejected(content: RecordDict, spec: UpdateSpec = SPEC) -> str:
     with pytest.raises(UpdateRejected) as info:
-        validate_update(content, spec, node_id=1, alpha=8.0)
+        validate_update(content, spec, node_id=1)
     return info.value.reason
 
 
 def test_valid_update_is_decoded():
-    update = validate_update(reply(), SPEC, node_id=7, alpha=8.0)
+    update = validate_update(reply(), SPEC, node_id=7)
     assert update.node_id == 7 and update.num_examples == 100
     assert update.metrics["train-loss"] == 0.5
-    assert update.adapter is not None and update.adapter.alpha == 8.0
-    np.testing.assert_array_equal(update.adapter.modules["m.q"].A, GLOBAL.modules["m.q"].A)
+    assert set(update.state) == set(GLOBAL.to_state_dict())
+    np.testing.assert_array_equal(update.state[A_KEY], GLOBAL.modules["m.q"].A)
 
 
 def test_missing_key():
@@ -76,8 +75,8 @@ def test_lower_rank_allowed_when_not_exact():
     spec = UpdateSpec.matching(GLOBAL, max_num_examples=10_000, exact_rank=False)
     record = with_array(A_KEY, Array(np.ones((2, 6), dtype=np.float32)))
     record[B_KEY] = Array(np.ones((5, 2), dtype=np.float32))
-    update = validate_update(reply(record), spec, node_id=1, alpha=8.0)
-    assert update.adapter is not None and update.adapter.ranks["m.q"] == 2
+    update = validate_update(reply(record), spec, node_id=1)
+    assert update.state[A_KEY].shape == (2, 6)
 
 
 def test_inconsistent_factor_ranks():
@@ -161,5 +160,5 @@ def test_pickle_payload_is_rejected_and_never_executed(tmp_path: Path):
 
 def test_configrecord_in_reply_is_ignored_but_arrays_still_checked():
     content = reply(extra_config=ConfigRecord({"a": 1}))
-    update = validate_update(content, SPEC, node_id=1, alpha=8.0)
-    assert isinstance(update.adapter, LoraAdapter)
+    update = validate_update(content, SPEC, node_id=1)
+    assert len(update.state) == len(GLOBAL.to_state_dict())
