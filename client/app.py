@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from client.partition import node_partition
 from client.private_state import load_private, store_private
+from client.ranks import apply_rank_budget, fit_rank, prune, pruning_penalty
 from strategies.adapter import LoraAdapter
 from strategies.instructions import ClientInstructions
 from strategies.parts import ALL_PARTS, select_parts
@@ -45,7 +46,8 @@ def prepare_adapter(
     """
     runtime.activate(instructions.rank, instructions.alpha)
     state = runtime.initial().to_state_dict()
-    incoming = {key: array.numpy() for key, array in received.items()}
+    incoming = fit_rank({key: array.numpy() for key, array in received.items()},
+                        instructions.rank)
     unexpected = sorted(set(incoming) - set(state))
     if unexpected:
         raise ValueError(f"received adapter keys this model does not have: {unexpected[:3]}")
@@ -71,7 +73,8 @@ def train(
 
     settings = _settings(context, overrides)
     partition_id, num_partitions = node_partition(context.node_config)
-    instructions = ClientInstructions.from_config(message.content[CONFIG_KEY])
+    instructions = apply_rank_budget(
+        ClientInstructions.from_config(message.content[CONFIG_KEY]), context.node_config)
     runtime = cached_runtime(settings)
     data = runtime.encoded_partition(partition_id, num_partitions)
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
@@ -81,10 +84,12 @@ def train(
         with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
             torch.manual_seed(seed)
             result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
-                                 device=runtime.device, autocast=runtime.autocast, seed=seed)
+                                 device=runtime.device, autocast=runtime.autocast, seed=seed,
+                                 penalty=pruning_penalty(runtime, instructions))
     finally:
         runtime.set_trainable(ALL_PARTS)
-    trained = runtime.get_adapter().to_state_dict()
+    adapter = prune(runtime.get_adapter(), instructions)
+    trained = adapter.to_state_dict()
     store_private(context, instructions.rank, select_parts(trained, instructions.private_parts))
     metrics = MetricRecord({
         "num-examples": result.num_examples,
@@ -94,7 +99,7 @@ def train(
         "steps": result.steps,
         "train-seconds": result.seconds,
         "partition-id": partition_id,
-        "rank": instructions.rank,
+        "rank": adapter.max_rank,
     })
     outgoing = select_parts(trained, instructions.send_parts)
     content = RecordDict({ARRAYS_KEY: state_to_record(outgoing), METRICS_KEY: metrics})

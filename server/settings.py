@@ -32,6 +32,14 @@ class FederationSettings:
     eval_every: int = 1
     eval_batch_size: int = 64
     keep_checkpoints: int = 2
+    rank_distribution: str = "fixed"
+    rank_choices: str = ""
+    client_ranks: str = ""
+    hetlora_lambda: float = 1e-3
+    hetlora_gamma: float = 0.99
+    hetlora_threshold: float = 0.05
+    hetlora_weighting: str = "sparsity"
+    flexlora_split: str = "B"
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +72,14 @@ class RunSettings:
 
     federation: FederationSettings
     task: TaskSettings
+
+    def __post_init__(self) -> None:
+        cls = get_strategy_class(self.federation.strategy)
+        cls.options_from(self.to_dict())  # strategy settings fail here, before any run starts
+
+    def strategy_options(self) -> dict[str, Any]:
+        """Constructor arguments specific to the chosen strategy."""
+        return get_strategy_class(self.federation.strategy).options_from(self.to_dict())
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:

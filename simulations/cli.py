@@ -65,6 +65,48 @@ def _add_centralised(sub: Any) -> None:
     p.set_defaults(func=_run_centralised)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """Parse ``--seeds`` (comma-separated integers, e.g. ``0,1,2``).
+
+    Raises:
+        argparse.ArgumentTypeError: not integers, empty, or a seed repeated.
+
+    """
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes comma-separated integers such as 0,1,2; got '{text}'") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds has a repeated seed: '{text}'")
+    return seeds
+
+
+def _add_experiment(sub: Any) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="run a named sweep (variants x seeds) into a folder with a table, plots, report",
+        description="Run every variant of a named experiment with every seed (one simulation "
+        "each), then write results.json, report.md and plots into the results folder. "
+        "Finished runs found there are reused, so an interrupted sweep continues.",
+    )
+    p.add_argument("name", nargs="?", help="the experiment (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--seeds", type=parse_seeds,
+                   help="comma-separated seeds, e.g. 0,1,2 (default: the experiment's)")
+    p.add_argument("--results-dir", help="results folder (default results/NAME)")
+    p.add_argument("--num-clients", type=int, help="clients per run (default: the experiment's)")
+    p.add_argument("--run-config", default="",
+                   help='"key=value ..." over the experiment\'s base settings, for every run')
+    p.add_argument("--no-resume", action="store_true",
+                   help="rerun every run, even those already finished in the results folder")
+    p.add_argument("--cpus-per-client", type=float, default=1.0,
+                   help="CPU cores reserved per client (sets how many run at once)")
+    p.add_argument("--gpus-per-client", type=float, default=None,
+                   help="GPU share per client (default: shared evenly when CUDA is present)")
+    p.set_defaults(func=_run_experiment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedlora`` command."""
     parser = argparse.ArgumentParser(
@@ -73,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_centralised(sub)
+    _add_experiment(sub)
     return parser
 
 
@@ -128,6 +171,65 @@ def _run_centralised(args: argparse.Namespace) -> int:
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in scores.items()))
     return 0
+
+
+def experiment_command(args: argparse.Namespace, name: str, seeds: Sequence[int],
+                       results_dir: str, num_clients: int) -> str:
+    """The ``fedlora experiment`` command line that reproduces a sweep, all values explicit."""
+    import shlex
+
+    argv = ["fedlora", "experiment", name, "--seeds", ",".join(map(str, seeds)),
+            "--num-clients", str(num_clients), "--results-dir", results_dir]
+    if args.run_config:
+        argv += ["--run-config", args.run_config]
+    if args.cpus_per_client != 1.0:
+        argv += ["--cpus-per-client", f"{args.cpus_per_client:g}"]
+    if args.gpus_per_client is not None:
+        argv += ["--gpus-per-client", f"{args.gpus_per_client:g}"]
+    return shlex.join(argv)
+
+
+def _list_experiments() -> int:
+    from simulations.experiments import available_experiments
+
+    for name, description in available_experiments().items():
+        print(f"{name:16s} {description}")
+    return 0
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_experiments()
+    if not args.name:
+        raise ValueError("name an experiment (fedlora experiment --list shows them)")
+    from pathlib import Path
+
+    from server.settings import RunSettings
+    from simulations.experiment import run_experiment
+    from simulations.experiments import get_experiment
+    from simulations.report import write_report
+
+    overrides = parse_run_config(args.run_config)
+    base = get_experiment(args.name)
+    spec = base.with_overrides(overrides, num_clients=args.num_clients)
+    for key, names in spec.shadowed_overrides(overrides).items():
+        print(f"note: --run-config {key}=... does not apply to variant(s) {', '.join(names)}, "
+              "which set it themselves")
+    seeds = args.seeds if args.seeds is not None else list(spec.seeds)
+    results_dir = args.results_dir or f"results/{spec.name}"
+    for variant in spec.variants:  # fail early, before any run, on a bad setting
+        RunSettings.from_run_config(spec.run_config(variant, seeds[0], Path(results_dir)))
+    result = run_experiment(
+        spec, seeds=seeds, results_dir=Path(results_dir), resume=not args.no_resume,
+        simulate_options={"cpus_per_client": args.cpus_per_client,
+                          "gpus_per_client": args.gpus_per_client})
+    report = write_report(result, command=experiment_command(
+        args, spec.name, seeds, results_dir, spec.num_clients))
+    failed = len(result.failed_runs)
+    if failed:
+        print(f"{failed} of {len(result.runs)} runs failed; see the report", file=sys.stderr)
+    print(f"report: {report}")
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

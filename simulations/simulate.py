@@ -50,6 +50,9 @@ def simulate(
     if num_clients < settings.federation.min_train_nodes:
         raise ValueError(f"--num-clients {num_clients} is below min-train-nodes "
                          f"{settings.federation.min_train_nodes}")
+    plan = settings.strategy_options().get("rank_plan")
+    if plan is not None:
+        plan.check_num_clients(num_clients)
     overrides = settings.to_dict()
     from flwr.simulation import run_simulation
 

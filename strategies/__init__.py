@@ -8,6 +8,8 @@ from strategies.base import LoraStrategy, RoundStats
 from strategies.fedit import FedIT, fedit_aggregate
 from strategies.fedsa import FedSALoRA
 from strategies.ffa import FFALoRA
+from strategies.flexlora import FlexLoRA, flexlora_aggregate
+from strategies.hetlora import HetLoRA
 from strategies.registry import available_strategies, get_strategy_class
 from strategies.validation import ClientUpdate, UpdateRejected, UpdateSpec, validate_update
 
@@ -16,6 +18,8 @@ __all__ = [
     "FFALoRA",
     "FedIT",
     "FedSALoRA",
+    "FlexLoRA",
+    "HetLoRA",
     "LoraAdapter",
     "LoraFactors",
     "LoraStrategy",
@@ -24,6 +28,7 @@ __all__ = [
     "UpdateSpec",
     "available_strategies",
     "fedit_aggregate",
+    "flexlora_aggregate",
     "get_strategy_class",
     "validate_update",
 ]

@@ -13,10 +13,10 @@ import dataclasses
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from flwr.app import (
     ArrayRecord,
@@ -146,6 +146,11 @@ class LoraStrategy(FedAvg):
         self._global: LoraAdapter | None = None
 
     # ------------------------------------------------------------------ hooks
+
+    @classmethod
+    def options_from(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Strategy-specific constructor arguments from the flat run settings (none here)."""
+        return {}
 
     def client_rank(self, node_id: int, global_adapter: LoraAdapter) -> int:
         """The LoRA rank of node ``node_id`` this round (default: the global rank)."""
@@ -290,11 +295,10 @@ class LoraStrategy(FedAvg):
         stats = self.history[server_round]
         log(INFO, "round %d: %d accepted, %d rejected, %d failed", server_round,
             stats.accepted, stats.rejected, stats.failed)
-        metrics = self.round_metrics(stats)
         if not updates:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged",
                 server_round)
-            return None, metrics
+            return None, self.round_metrics(stats)
         if self._global is None:
             raise AggregationError("aggregate_train called before configure_train")
         try:
@@ -302,7 +306,7 @@ class LoraStrategy(FedAvg):
         except ValueError as exc:
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
         self._global = new_global
-        return adapter_to_record(new_global), metrics
+        return adapter_to_record(new_global), self.round_metrics(stats)
 
     @staticmethod
     def round_metrics(stats: RoundStats) -> MetricRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -93,10 +93,12 @@ def train_local(
     device: torch.device,
     autocast: torch.dtype | None = None,
     seed: int = 0,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters with AdamW for the configured steps or epochs.
 
-    One step is one optimizer update over ``grad_accumulation`` mini-batches.
+    One step is one optimizer update over ``grad_accumulation`` mini-batches. ``penalty``,
+    when given, is added to the loss of every step (a regulariser on the parameters).
     """
     import torch
 
@@ -119,6 +121,8 @@ def train_local(
             batch = make_batch(data, next(batches), tokenizer, device)
             with _autocast(device, autocast):
                 loss = model(**batch).loss / settings.grad_accumulation
+            if penalty is not None:
+                loss = loss + penalty() / settings.grad_accumulation
             loss.backward()
             step_loss += float(loss.detach())
         optimizer.step()

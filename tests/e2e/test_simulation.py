@@ -23,10 +23,16 @@ def _descendants() -> set[int]:
 def no_leftover_processes():
     before = _descendants()
     yield
-    leftover = [psutil.Process(pid) for pid in _descendants() - before if psutil.pid_exists(pid)]
-    for proc in leftover:  # stop them by PID, then fail the test
+    started = []
+    for pid in _descendants() - before:
+        try:
+            started.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(started, timeout=10)  # short-lived helpers may still exit
+    for proc in alive:  # stop the rest by PID, then fail the test
         proc.kill()
-    assert not leftover, f"processes left running: {[p.pid for p in leftover]}"
+    assert not alive, f"processes left running: {[(p.pid, p.name()) for p in alive]}"
 
 
 @pytest.mark.usefixtures("no_leftover_processes")

@@ -1,0 +1,86 @@
+"""FlexLoRA (Bai et al., NeurIPS 2024): aggregate full-size updates, redistribute by SVD.
+
+The server forms ``dW = sum_k p_k s B_k A_k`` per module (data-size weights ``p_k``, the
+common scale ``s = alpha / r_max``) and keeps its top-``r_max`` SVD as the global
+adapter; a client of rank ``r_k`` receives the top-``r_k`` part, which is exactly the
+rank-``r_k`` truncation of ``dW``. The SVD never forms the d x k matrix: the scaled
+factors are stacked, QR-factored, and only the small core is decomposed
+(:func:`strategies.flexlora_math.factored_svd`).
+
+Where the singular values go is the ``flexlora-split`` setting: ``B`` puts them all in
+B (``B = U S / s``, ``A = V^T``), as in the authors' code; ``sqrt`` splits them
+(``B = U sqrt(S/s)``, ``A = sqrt(S/s) V^T``), which balances the factor norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from strategies.adapter import LoraAdapter, LoraFactors
+from strategies.fedit import normalized_weights, weighted_mean
+from strategies.flexlora_math import SPLIT_MODES, factored_svd, split_singular_values
+from strategies.hetero import HeteroRankStrategy
+from strategies.registry import register_strategy
+from strategies.validation import ClientUpdate
+
+
+def flexlora_aggregate(
+    adapters: Sequence[LoraAdapter], num_examples: Sequence[int], *, rank: int, alpha: float,
+    split: str = "B",
+) -> LoraAdapter:
+    """The global adapter (rank ``rank``, alpha ``alpha``) from clients of mixed ranks.
+
+    Each client's module update is ``scale_k B_k A_k`` with its own ``scale_k``; the
+    result's ``(alpha / rank) B A`` is the best rank-``rank`` approximation of the
+    weighted sum of those updates. Extras are averaged by data size.
+    """
+    if split not in SPLIT_MODES:
+        raise ValueError(f"flexlora-split must be one of {SPLIT_MODES}, got '{split}'")
+    p = normalized_weights(num_examples)
+    scale = alpha / rank
+    modules = {}
+    for name in adapters[0].modules:
+        Bs = [a.modules[name].B for a in adapters]
+        As = [a.modules[name].A for a in adapters]
+        coeffs = [float(w) * a.scale(name) for w, a in zip(p, adapters, strict=True)]
+        U, S, Vt = factored_svd(Bs, As, coeffs, rank)
+        factors = split_singular_values(U, S / scale, Vt, rank, split)
+        dtype = adapters[0].modules[name].A.dtype
+        modules[name] = LoraFactors(A=factors.A.astype(dtype), B=factors.B.astype(dtype))
+    extras = {k: weighted_mean([a.extras[k] for a in adapters], p) for k in adapters[0].extras}
+    return LoraAdapter(modules=modules, alpha=alpha, extras=extras)
+
+
+@register_strategy("flexlora")
+class FlexLoRA(HeteroRankStrategy):
+    """Heterogeneous ranks; the server aggregates products and redistributes by SVD."""
+
+    exact_rank = False  # a node with a smaller rank budget may train below its rank
+
+    def __init__(self, *, split: str = "B", **kwargs: Any) -> None:
+        if split not in SPLIT_MODES:
+            raise ValueError(f"flexlora-split must be one of {SPLIT_MODES}, got '{split}'")
+        super().__init__(**kwargs)
+        self.split = split
+
+    @classmethod
+    def options_from(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """``flexlora-split`` and the rank plan."""
+        return {**super().options_from(settings),
+                "split": str(settings.get("flexlora-split", "B"))}
+
+    def aggregate_adapters(
+        self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
+    ) -> LoraAdapter:
+        """Top-``r_max`` SVD of the weighted sum of the clients' scaled updates."""
+        adapters = [u.adapter for u in updates if u.adapter is not None]
+        result = flexlora_aggregate(
+            adapters, [u.num_examples for u in updates], rank=global_adapter.max_rank,
+            alpha=global_adapter.alpha, split=self.split)
+        self.history[server_round].metrics["rank-sum"] = float(
+            sum(a.max_rank for a in adapters))
+        return result
+
+
+

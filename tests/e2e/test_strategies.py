@@ -1,0 +1,69 @@
+"""Every strategy end to end through Flower's simulation engine (tiny model, 2 rounds)."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array
+
+from simulations.simulate import simulate
+from strategies.fedsa import FedSALoRA
+from strategies.parts import LORA_B, part_of
+from strategies.registry import register_strategy
+from tests.conftest import tiny_run_config
+from tests.e2e.test_simulation import no_leftover_processes  # noqa: F401
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
+
+SEEN_KEYS: list[str] = []
+
+
+@register_strategy("fedsa-lora-inspected")
+class InspectedFedSA(FedSALoRA):
+    """FedSA-LoRA that records every key of every message that reaches the server."""
+
+    def collect_updates(self, server_round, replies):
+        replies = list(replies)
+        for message in replies:
+            if message.has_content():
+                for record in message.content.array_records.values():
+                    SEEN_KEYS.extend(record.keys())
+        return super().collect_updates(server_round, replies)
+
+
+def _run(tmp_path, tiny_bert_dir, toy_csv, strategy, **extra):
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "num-rounds": 2, "results-dir": str(tmp_path / strategy), "local-steps": 5,
+        "strategy": strategy, **extra})
+    records = simulate(config, num_clients=3, gpus_per_client=0.0)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["num_accepted"] == 3 and r["num_rejected"] == 0 for r in records[1:])
+    details = json.loads((tmp_path / strategy / "details.json").read_text())
+    return records, details
+
+
+def test_ffa_lora_uploads_half_of_fedit_and_is_exact(tmp_path, tiny_bert_dir, toy_csv):
+    ffa, details = _run(tmp_path, tiny_bert_dir, toy_csv, "ffa-lora")
+    fedit, _ = _run(tmp_path, tiny_bert_dir, toy_csv, "fedit")
+    # measured from the messages: B plus the head, against A, B plus the head; the head
+    # (trained in full by both) is the same in both, so take out its encoded size
+    head = [Array(np.zeros((3, 32), np.float32)), Array(np.zeros(3, np.float32))]
+    head_bytes = 3 * sum(len(a.data) for a in head)  # 3 clients
+    ratio = (ffa[1]["bytes_up"] - head_bytes) / (fedit[1]["bytes_up"] - head_bytes)
+    assert ratio == 0.5
+    assert max(details["1"]["aggregation_error"].values()) < 1e-5  # avg(B) A = avg(B A)
+    assert fedit[1]["agg_error_mean"] > 1e-3
+
+
+def test_fedsa_never_sends_b(tmp_path, tiny_bert_dir, toy_csv):
+    SEEN_KEYS.clear()
+    _run(tmp_path, tiny_bert_dir, toy_csv, "fedsa-lora-inspected")
+    assert SEEN_KEYS and not [k for k in SEEN_KEYS if part_of(k) == LORA_B]
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+def test_heterogeneous_ranks(tmp_path, tiny_bert_dir, toy_csv, strategy):
+    records, details = _run(tmp_path, tiny_bert_dir, toy_csv, strategy,
+                            **{"client-ranks": "1,2,4"})
+    assert sorted(details["1"]["client_ranks"].values()) == [1, 2, 4]
+    assert records[2]["eval_loss"] < records[0]["eval_loss"]
