@@ -19,6 +19,7 @@ from client.ranks import apply_rank_budget, fit_rank, prune, pruning_penalty
 from strategies.adapter import LoraAdapter
 from strategies.instructions import ClientInstructions
 from strategies.parts import ALL_PARTS, select_parts
+from strategies.sparse import is_sparse_key
 from strategies.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
 from task.settings import TaskSettings
 
@@ -48,7 +49,7 @@ def prepare_adapter(
     state = runtime.initial().to_state_dict()
     incoming = fit_rank({key: array.numpy() for key, array in received.items()},
                         instructions.rank)
-    unexpected = sorted(set(incoming) - set(state))
+    unexpected = sorted(k for k in set(incoming) - set(state) if not is_sparse_key(k))
     if unexpected:
         raise ValueError(f"received adapter keys this model does not have: {unexpected[:3]}")
     state.update(incoming)
@@ -79,6 +80,8 @@ def train(
     data = runtime.encoded_partition(partition_id, num_partitions)
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
     runtime.set_trainable(instructions.train_parts)
+    if instructions.options.get("sparse-base"):
+        runtime.sparse.start_training()
     seed = round_seed(settings, instructions.server_round, partition_id)
     try:
         with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
@@ -88,6 +91,7 @@ def train(
                                  penalty=pruning_penalty(runtime, instructions))
     finally:
         runtime.set_trainable(ALL_PARTS)
+        runtime.sparse.stop_training()
     adapter = prune(runtime.get_adapter(), instructions)
     trained = adapter.to_state_dict()
     store_private(context, instructions.rank, select_parts(trained, instructions.private_parts))
@@ -109,7 +113,11 @@ def train(
 def evaluate(
     message: Message, context: Context, overrides: Mapping[str, Any] | None = None
 ) -> Message:
-    """Handle an evaluate message: score the sent adapter on this node's held-out shard."""
+    """Handle an evaluate message: score the sent adapter with this client's private parts.
+
+    The client scores on its own held-out share (``local-test-fraction``), or else on its
+    shard of the server's held-out split.
+    """
     from task.runtime import cached_runtime
     from task.training import encode
     from task.training import evaluate as evaluate_model
@@ -122,9 +130,12 @@ def evaluate(
                     ClientInstructions(server_round=int(config.get("server-round", 0)),
                                        strategy="", rank=settings.lora.lora_rank,
                                        alpha=settings.lora.lora_alpha))
+    instructions = apply_rank_budget(instructions, context.node_config)
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
-    shard = runtime.data.test.shard(num_shards=num_partitions, index=partition_id)
-    data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
+    data = runtime.encoded_local_test(partition_id, num_partitions)
+    if len(data) == 0:  # no local held-out share: this node's shard of the server's split
+        shard = runtime.data.test.shard(num_shards=num_partitions, index=partition_id)
+        data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
     scores = evaluate_model(runtime.model, runtime.tokenizer, data, batch_size=64,
                             device=runtime.device, autocast=runtime.autocast)
     metrics = MetricRecord({"num-examples": len(data),

@@ -40,6 +40,9 @@ class FederationSettings:
     hetlora_threshold: float = 0.05
     hetlora_weighting: str = "sparsity"
     flexlora_split: str = "B"
+    slora_rounds: int = 2
+    slora_density: float = 0.01
+    slora_then: str = "fedit"
 
     def __post_init__(self) -> None:
         checks = [

@@ -11,6 +11,7 @@ from strategies.ffa import FFALoRA
 from strategies.flexlora import FlexLoRA, flexlora_aggregate
 from strategies.hetlora import HetLoRA
 from strategies.registry import available_strategies, get_strategy_class
+from strategies.slora import SLoRA
 from strategies.validation import ClientUpdate, UpdateRejected, UpdateSpec, validate_update
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FedSALoRA",
     "FlexLoRA",
     "HetLoRA",
+    "SLoRA",
     "LoraAdapter",
     "LoraFactors",
     "LoraStrategy",

@@ -10,6 +10,7 @@ function. The round loop itself stays Flower's (``Strategy.start``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from abc import abstractmethod
@@ -33,10 +34,17 @@ from flwr.supercore import log
 from strategies.adapter import LoraAdapter
 from strategies.instructions import ClientInstructions, ConfigValue
 from strategies.parts import ALL_PARTS, select_parts
-from strategies.validation import ClientUpdate, UpdateRejected, UpdateSpec, validate_update
+from strategies.validation import (
+    ClientUpdate,
+    UpdateRejected,
+    UpdateSpec,
+    validate_num_examples,
+    validate_update,
+)
 from strategies.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    METRICS_KEY,
     adapter_to_record,
     record_nbytes,
     record_to_adapter,
@@ -188,7 +196,8 @@ class LoraStrategy(FedAvg):
         """What a valid reply looks like, given what the node was sent."""
         spec = UpdateSpec.matching(payload.adapter, max_num_examples=self.max_num_examples,
                                    exact_rank=self.exact_rank)
-        required = frozenset(select_parts(payload.adapter.to_state_dict(), self.send_parts))
+        required = frozenset(select_parts(payload.adapter.to_state_dict(),
+                                          payload.instructions.send_parts))
         return dataclasses.replace(spec, required_keys=required)
 
     @abstractmethod
@@ -231,17 +240,11 @@ class LoraStrategy(FedAvg):
         self._payloads = {}
         for node_id in nodes:
             payload = self.client_payload(server_round, node_id, global_adapter)
-            record = state_to_record(select_parts(payload.adapter.to_state_dict(),
-                                                  payload.sent_parts))
-            node_config = ConfigRecord(dict(config))
-            node_config.update(payload.instructions.to_config())
+            message, nbytes = self.payload_message(payload, node_id, config, MessageType.TRAIN)
             self._specs[node_id] = self.update_spec(node_id, payload)
             self._payloads[node_id] = payload
-            stats.bytes_down += record_nbytes(record)
-            content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
-            messages.append(
-                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
-            )
+            stats.bytes_down += nbytes
+            messages.append(message)
         log(INFO, "round %d: sampled %d nodes", server_round, len(nodes))
         return messages
 
@@ -307,6 +310,60 @@ class LoraStrategy(FedAvg):
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
         self._global = new_global
         return adapter_to_record(new_global), self.round_metrics(stats)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation with each node's payload and instructions.
+
+        A node scores the adapter it would train: its rank, its private parts.
+        """
+        if self.fraction_evaluate == 0.0:
+            return []
+        global_adapter = record_to_adapter(arrays, self.lora_alpha)
+        nodes = self.sample(grid, self.fraction_evaluate, max(self.min_evaluate_nodes, 1))
+        return [self.payload_message(self.client_payload(server_round, n, global_adapter),
+                                     n, config, MessageType.EVALUATE)[0] for n in nodes]
+
+    @staticmethod
+    def payload_message(
+        payload: Payload, node_id: int, config: ConfigRecord, message_type: str
+    ) -> tuple[Message, int]:
+        """The message carrying ``payload`` to ``node_id``, and its array payload in bytes."""
+        record = state_to_record(select_parts(payload.adapter.to_state_dict(),
+                                              payload.sent_parts))
+        node_config = ConfigRecord(dict(config))
+        node_config.update(payload.instructions.to_config())
+        content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
+        message = Message(content=content, message_type=message_type, dst_node_id=node_id)
+        return message, record_nbytes(record)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the clients' scores; malformed replies are left out."""
+        totals: dict[str, float] = {}
+        weight = 0
+        for message in replies:
+            try:
+                metrics = message.content.metric_records[METRICS_KEY]
+                n = validate_num_examples(metrics["num-examples"], self.max_num_examples)
+                scores = {k: float(v) for k, v in metrics.items()
+                          if k.startswith("eval-") and isinstance(v, int | float)}
+            except Exception as exc:  # noqa: BLE001 - a bad reply never crashes the server
+                log(WARNING, "round %d: evaluation reply left out: %s", server_round, exc)
+                continue
+            if not all(math.isfinite(v) for v in scores.values()):
+                continue
+            weight += n
+            for key, value in scores.items():
+                totals[key] = totals.get(key, 0.0) + n * value
+        if weight == 0:
+            return None
+        averaged = {f"fed-{k}": v / weight for k, v in totals.items()}
+        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        stats.metrics.update(averaged)
+        return MetricRecord(averaged)
 
     @staticmethod
     def round_metrics(stats: RoundStats) -> MetricRecord:

@@ -20,6 +20,7 @@ from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainab
 from task.data import TaskData, load_partition, load_task_data
 from task.model import attach_lora, autocast_dtype, load_base_model, load_tokenizer, select_device
 from task.settings import TaskSettings
+from task.sparse import SparseBase, split_sparse
 from task.training import Encoded, encode
 
 if TYPE_CHECKING:
@@ -38,7 +39,15 @@ class TaskRuntime:
     autocast: torch.dtype | None
     _initial: dict[str, LoraAdapter]
     active: str = DEFAULT_ADAPTER
-    _encoded: dict[Any, Encoded] = field(default_factory=dict)
+    _encoded: dict[Any, Any] = field(default_factory=dict)
+    _sparse: SparseBase | None = None
+
+    @property
+    def sparse(self) -> SparseBase:
+        """Sparse deltas on the base weights (SLoRA), masks seeded by the run seed."""
+        if self._sparse is None:
+            self._sparse = SparseBase(self.model, self.settings.train.seed)
+        return self._sparse
 
     @classmethod
     def build(cls, settings: TaskSettings) -> TaskRuntime:
@@ -103,24 +112,51 @@ class TaskRuntime:
         return self._initial[self.active]
 
     def get_adapter(self) -> LoraAdapter:
-        """The active adapter's current state."""
-        return get_adapter(self.model, self.alpha, self.active)
+        """The active adapter's current state (with sparse base deltas, if any are applied)."""
+        adapter = get_adapter(self.model, self.alpha, self.active)
+        if self.sparse.modified:
+            adapter.extras.update(self.sparse.extract())
+        return adapter
 
     def set_adapter(self, adapter: LoraAdapter) -> None:
-        """Replace every parameter of the active adapter."""
-        set_adapter(self.model, adapter, self.active)
+        """Replace every parameter of the active adapter.
+
+        Sparse base deltas in the state (SLoRA's stage 1) are applied to the base weights;
+        without them, the base weights are (back) at their originals.
+        """
+        state, deltas = split_sparse(adapter.to_state_dict())
+        if deltas or self.sparse.modified:
+            self.sparse.apply(deltas)
+        set_adapter(self.model, LoraAdapter.from_state_dict(state, adapter.alpha), self.active)
 
     def set_trainable(self, parts: Iterable[str]) -> None:
         """Train only these parts of the active adapter."""
         set_trainable_parts(self.model, parts, self.active)
 
     def encoded_partition(self, partition_id: int, num_partitions: int) -> Encoded:
-        """Client ``partition_id``'s tokenized share of the train pool (cached)."""
+        """Client ``partition_id``'s tokenized training share (cached).
+
+        With ``local-test-fraction`` above 0, that share of the partition is held back
+        for :meth:`encoded_local_test`.
+        """
+        return self._client_split(partition_id, num_partitions)[0]
+
+    def encoded_local_test(self, partition_id: int, num_partitions: int) -> Encoded:
+        """The client's own held-out share (empty without ``local-test-fraction``)."""
+        return self._client_split(partition_id, num_partitions)[1]
+
+    def _client_split(self, partition_id: int, num_partitions: int) -> tuple[Encoded, Encoded]:
         key = ("partition", partition_id, num_partitions)
         if key not in self._encoded:
             part = load_partition(self.data.train, self.settings.data,
                                   partition_id=partition_id, num_partitions=num_partitions)
-            self._encoded[key] = self.encode(part)
+            fraction = self.settings.data.local_test_fraction
+            if fraction > 0 and len(part) >= 2:
+                split = part.train_test_split(test_size=fraction, seed=self.settings.data.seed)
+                self._encoded[key] = (self.encode(split["train"]), self.encode(split["test"]))
+            else:
+                self._encoded[key] = (self.encode(part), Encoded([], [] if
+                                      self.settings.model.task == "classification" else None))
         return self._encoded[key]
 
     def encoded_test(self) -> Encoded:

@@ -94,6 +94,9 @@ class DataSettings:
 
     ``dataset``: ``bbc-news`` (embedded), a local file (csv, json, jsonl, parquet), a
     folder with one sub-folder of text files per label, or a hub dataset name.
+    ``local_test_fraction``: each client keeps this share of its partition for
+    evaluating its own (personalised) adapter; 0 = clients evaluate on their shard of
+    the server's held-out split.
     """
 
     dataset: str = "bbc-news"
@@ -103,6 +106,7 @@ class DataSettings:
     dirichlet_alpha: float = 0.5
     partition_by: str = ""
     test_fraction: float = 0.2
+    local_test_fraction: float = 0.0
     max_length: int = 128
     seed: int = 0
 
@@ -114,6 +118,8 @@ class DataSettings:
                f"dirichlet-alpha must be positive, got {self.dirichlet_alpha}")
         _check(0.0 < self.test_fraction < 1.0,
                f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        _check(0.0 <= self.local_test_fraction < 1.0,
+               f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
         _check(self.max_length >= 8, f"max-length must be at least 8, got {self.max_length}")
         _check(self.partitioner != "natural" or bool(self.partition_by),
                "partitioner 'natural' needs partition-by (the column to split by)")

@@ -67,3 +67,15 @@ def test_heterogeneous_ranks(tmp_path, tiny_bert_dir, toy_csv, strategy):
                             **{"client-ranks": "1,2,4"})
     assert sorted(details["1"]["client_ranks"].values()) == [1, 2, 4]
     assert records[2]["eval_loss"] < records[0]["eval_loss"]
+
+
+@pytest.mark.parametrize("then", ["fedit", "ffa-lora"])
+def test_slora_runs_both_stages_in_one_run(tmp_path, tiny_bert_dir, toy_csv, then):
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "num-rounds": 3, "results-dir": str(tmp_path / then), "local-steps": 5,
+        "strategy": "slora", "slora-rounds": 2, "slora-density": 0.1, "slora-then": then})
+    records = simulate(config, num_clients=2, gpus_per_client=0.0)
+    assert [r.get("stage") for r in records] == [None, 1.0, 1.0, 2.0]
+    assert all(r["num_accepted"] == 2 and r["num_rejected"] == 0 for r in records[1:])
+    assert records[1]["bytes_up"] < records[3]["bytes_up"]  # stage 1 sends 10% of q/v
+    assert records[3]["eval_loss"] < records[0]["eval_loss"]

@@ -19,7 +19,7 @@ def test_penalty_value_and_gradient_match_the_formula():
     pairs = lora_factor_pairs(model, "default")
     assert len(pairs) == 4  # 2 layers x (query, value)
     with torch.no_grad():
-        for a, b in pairs:
+        for _, b in pairs:
             b.normal_()  # B starts at zero; give the tail something to measure
     penalty = self_pruning_penalty(model, "default", gamma=0.5)  # tail = ranks 2 and 3
     expected = sum(float(a[2:].norm() * b[:, 2:].norm()) for a, b in pairs)

@@ -1,0 +1,74 @@
+import dataclasses
+
+import numpy as np
+import torch
+
+from strategies.adapter import LoraAdapter
+from strategies.slora import stage_two_adapter
+from strategies.sparse import mask_size, sparse_key
+from task.runtime import TaskRuntime
+from task.settings import TaskSettings
+from task.sparse import adapted_base_layers
+from task.training import train_local
+from tests.conftest import tiny_run_config
+
+
+def _runtime(tiny_bert_dir, toy_csv, rank=4):
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{"lora-rank": rank,
+                                                         "lora-alpha": 2.0 * rank})
+    return TaskRuntime.build(TaskSettings.from_run_config(config))
+
+
+def _with_deltas(rt, density=0.25, value=0.0):
+    state = rt.initial_adapter.to_state_dict()
+    for name, layer in adapted_base_layers(rt.model).items():
+        k = mask_size(tuple(layer.weight.shape), density)
+        state[sparse_key(name)] = np.full(k, value, dtype=np.float32)
+    return LoraAdapter.from_state_dict(state, rt.alpha)
+
+
+def test_stage_one_trains_only_masked_base_entries_and_resets(tiny_bert_dir, toy_csv):
+    rt = _runtime(tiny_bert_dir, toy_csv)
+    layers = adapted_base_layers(rt.model)
+    originals = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+    rt.set_adapter(_with_deltas(rt))
+    rt.set_trainable({"extras"})
+    rt.sparse.start_training()
+    settings = dataclasses.replace(rt.settings.train, local_steps=5, learning_rate=0.05)
+    train_local(rt.model, rt.tokenizer, rt.encoded_partition(0, 1), settings,
+                device=rt.device, seed=0)
+    rt.sparse.stop_training()
+    rt.set_trainable({"lora_A", "lora_B", "extras"})
+    trained = rt.get_adapter()
+    for name, layer in layers.items():
+        changed = (layer.weight.detach() != originals[name]).view(-1).nonzero().view(-1)
+        delta = trained.extras[sparse_key(name)]
+        idx = rt.sparse._indices[name]
+        assert set(changed.tolist()) <= set(idx.tolist())  # nothing outside the mask
+        assert np.abs(delta).sum() > 0
+        expected = (layer.weight.detach().view(-1) - originals[name].view(-1))[idx]
+        np.testing.assert_allclose(delta, expected.numpy(), atol=1e-7)
+    # a state without deltas puts the base back, exactly
+    rt.set_adapter(rt.initial_adapter)
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight, originals[name])
+    assert not any(layer.weight.requires_grad for layer in layers.values())
+
+
+def test_full_rank_lora_from_stage_one_equals_w0_plus_the_update(tiny_bert_dir, toy_csv):
+    rt = _runtime(tiny_bert_dir, toy_csv, rank=32)  # tiny-bert layers are 32 x 32
+    layers = adapted_base_layers(rt.model)
+    rng = np.random.default_rng(0)
+    stage_one = _with_deltas(rt)
+    for key in list(stage_one.extras):
+        if key.endswith(".sparse_delta"):
+            stage_one.extras[key] = rng.standard_normal(len(stage_one.extras[key])).astype(
+                np.float32) * 0.1
+    rt.set_adapter(stage_one)
+    w_stage_one = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+    rt.set_adapter(stage_two_adapter(stage_one, seed=rt.settings.train.seed))
+    merged = rt.model.merge_and_unload()
+    for name in layers:
+        path = name.replace("base_model.model.", "", 1)
+        weight = merged.get_submodule(path).weight
+        torch.testing.assert_close(weight, w_stage_one[name], atol=1e-5, rtol=0)
