@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from client.partition import node_partition
 from client.private_state import load_private, store_private
 from client.ranks import apply_rank_budget, fit_rank, prune, pruning_penalty
+from privacy.flower import encryption_mod, handshake
 from strategies.adapter import LoraAdapter
 from strategies.instructions import ClientInstructions
 from strategies.parts import ALL_PARTS, select_parts
@@ -144,8 +145,16 @@ def evaluate(
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` are run-config entries applied over the run's own."""
-    client_app = ClientApp()
+    """A ClientApp; ``overrides`` are run-config entries applied over the run's own.
+
+    Sealed payloads are opened (and replies sealed) by the encryption mod; the handshake
+    query gives the server this round's client key.
+    """
+    client_app = ClientApp(mods=[encryption_mod])
+
+    @client_app.query("fedlora_handshake")
+    def _handshake(message: Message, context: Context) -> Message:
+        return handshake(message, context)
 
     @client_app.train()
     def _train(message: Message, context: Context) -> Message:

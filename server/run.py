@@ -11,8 +11,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from privacy.flower import EncryptedStrategy
+from privacy.keys import ServerIdentity
 from server.plots import plot_metrics
 from server.results import ResultsWriter
 from server.settings import RunSettings
@@ -37,6 +40,19 @@ def build_strategy(settings: RunSettings) -> LoraStrategy:
         seed=fed.seed,
         **settings.strategy_options(),
     )
+
+
+def load_identity(path: str) -> ServerIdentity:
+    """The server's long-term key from ``server-key-file``, or a new one for this run."""
+    if not path:
+        identity = ServerIdentity.generate()
+        log(INFO, "payload encryption: new server key for this run, fingerprint %s",
+            identity.fingerprint())
+        return identity
+    identity = ServerIdentity.load(Path(path))
+    log(INFO, "payload encryption: server key %s, fingerprint %s", path,
+        identity.fingerprint())
+    return identity
 
 
 @dataclass
@@ -66,6 +82,10 @@ class FederatedRun:
 
         self.settings = settings
         self.strategy = build_strategy(settings)
+        self.runner: Strategy = self.strategy
+        if settings.federation.encrypt_payloads:
+            self.runner = EncryptedStrategy(self.strategy, identity=load_identity(
+                settings.federation.server_key_file))
         self.runtime = cached_runtime(settings.task)
         self.writer = ResultsWriter(settings.federation.results_dir, settings.to_dict(),
                                     keep_checkpoints=settings.federation.keep_checkpoints)
@@ -122,8 +142,11 @@ class FederatedRun:
             return {}
         details: dict[str, Any] = {"client_ranks": {str(k): v for k, v in
                                                     sorted(stats.client_ranks.items())}}
-        if stats.rejections:
-            details["rejections"] = [{"node": n, "reason": r} for n, r in stats.rejections]
+        rejections = list(stats.rejections)
+        if isinstance(self.runner, EncryptedStrategy):
+            rejections += self.runner.rejections.get(server_round, [])
+        if rejections:
+            details["rejections"] = [{"node": n, "reason": r} for n, r in rejections]
         details.update(stats.details)
         return details
 
@@ -147,7 +170,7 @@ class FederatedRun:
         started = time.monotonic()
         fed = self.settings.federation
         initial = adapter_to_record(self.runtime.initial_adapter)
-        result = self.strategy.start(
+        result = self.runner.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=fed.num_rounds,

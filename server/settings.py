@@ -43,6 +43,8 @@ class FederationSettings:
     slora_rounds: int = 2
     slora_density: float = 0.01
     slora_then: str = "fedit"
+    encrypt_payloads: bool = True
+    server_key_file: str = ""
 
     def __post_init__(self) -> None:
         checks = [

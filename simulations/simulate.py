@@ -46,6 +46,7 @@ def simulate(
         RuntimeError: the run ended without writing its final metrics.
 
     """
+    run_config = {"encrypt-payloads": False, **run_config}  # optional in simulation
     settings = RunSettings.from_run_config(run_config)
     if num_clients < settings.federation.min_train_nodes:
         raise ValueError(f"--num-clients {num_clients} is below min-train-nodes "

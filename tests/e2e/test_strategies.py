@@ -79,3 +79,20 @@ def test_slora_runs_both_stages_in_one_run(tmp_path, tiny_bert_dir, toy_csv, the
     assert all(r["num_accepted"] == 2 and r["num_rejected"] == 0 for r in records[1:])
     assert records[1]["bytes_up"] < records[3]["bytes_up"]  # stage 1 sends 10% of q/v
     assert records[3]["eval_loss"] < records[0]["eval_loss"]
+
+
+def test_encryption_on_gives_the_same_global_adapter_as_off(tmp_path, tiny_bert_dir, toy_csv):
+    from safetensors.numpy import load_file
+
+    finals = {}
+    for encrypt in (True, False):
+        folder = tmp_path / f"encrypt-{encrypt}"
+        config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+            "num-rounds": 2, "results-dir": str(folder), "local-steps": 3,
+            "encrypt-payloads": encrypt})
+        records = simulate(config, num_clients=2, gpus_per_client=0.0)
+        assert all(r["num_accepted"] == 2 for r in records[1:])
+        finals[encrypt] = load_file(str(folder / "final_adapter" / "adapter_model.safetensors"))
+    assert finals[True].keys() == finals[False].keys()
+    for key, value in finals[False].items():
+        np.testing.assert_allclose(finals[True][key], value, rtol=0, atol=1e-6)
