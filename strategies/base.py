@@ -136,6 +136,11 @@ class LoraStrategy(FedAvg):
             raise ValueError(f"max-num-examples must be at least 1, got {max_num_examples}")
         if not lora_alpha > 0:
             raise ValueError(f"lora-alpha must be positive, got {lora_alpha}")
+        overlap = self.private_parts & (self.send_parts | self.download_parts)
+        if overlap:
+            raise ValueError(
+                f"{type(self).__name__}: adapter part(s) {sorted(overlap)} are private but the "
+                "strategy also sends or aggregates them; a part is either private or shared")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,

@@ -13,9 +13,14 @@ random init, FFA-LoRA wants a larger alpha (or learning rate) than FedIT.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from strategies.adapter import LoraAdapter
 from strategies.fedit import FedIT
-from strategies.parts import EXTRAS, LORA_B
+from strategies.parts import EXTRAS, LORA_A, LORA_B
 from strategies.registry import register_strategy
+from strategies.validation import ClientUpdate
 
 
 @register_strategy("ffa-lora")
@@ -25,3 +30,19 @@ class FFALoRA(FedIT):
     train_parts = frozenset({LORA_B, EXTRAS})
     send_parts = frozenset({LORA_B, EXTRAS})
     download_parts = frozenset({LORA_B, EXTRAS})
+
+    def __init__(self, **kwargs: Any) -> None:
+        if LORA_A in self.train_parts | self.send_parts | self.download_parts:
+            raise ValueError("FFA-LoRA keeps the shared A frozen and never sends it; it cannot "
+                             "train, send or receive A (use fedit to train A)")
+        super().__init__(**kwargs)
+
+    def aggregate_adapters(
+        self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
+    ) -> LoraAdapter:
+        """FedIT's average of B; records the bytes A would have cost on the wire."""
+        a_bytes = sum(f.A.nbytes for f in global_adapter.modules.values())
+        # A stays home both ways: down to every sampled node and up from every reply
+        stats = self.history[server_round]
+        stats.metrics["bytes-saved"] = float(a_bytes * (stats.sampled + len(updates)))
+        return super().aggregate_adapters(server_round, global_adapter, updates)

@@ -62,3 +62,21 @@ def test_registry_knows_fedit_and_lists_known_names_for_unknown():
     assert get_strategy_class("fedit").name == "fedit"
     with pytest.raises(ValueError, match="unknown strategy 'fedavgg'; known strategies: .*fedit"):
         get_strategy_class("fedavgg")
+
+
+def test_ffa_cannot_train_a_and_private_parts_cannot_be_aggregated():
+    from strategies.fedsa import FedSALoRA
+    from strategies.ffa import FFALoRA
+    from strategies.parts import LORA_A, LORA_B
+
+    class FFATrainingA(FFALoRA):
+        train_parts = frozenset({LORA_A, LORA_B})
+
+    with pytest.raises(ValueError, match="cannot train, send or receive A"):
+        FFATrainingA(lora_alpha=8.0)
+
+    class LeakyFedSA(FedSALoRA):
+        send_parts = frozenset({LORA_A, LORA_B})
+
+    with pytest.raises(ValueError, match=r"\['lora_B'\] are private but the strategy also"):
+        LeakyFedSA(lora_alpha=8.0)
