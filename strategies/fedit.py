@@ -41,7 +41,14 @@ def fedit_aggregate(adapters: Sequence[LoraAdapter], num_examples: Sequence[int]
     """
     if not adapters:
         raise ValueError("fedit_aggregate needs at least one adapter")
-    w = normalized_weights(num_examples)
+    return weighted_average_adapters(adapters, normalized_weights(num_examples))
+
+
+def weighted_average_adapters(adapters: Sequence[LoraAdapter], w: np.ndarray) -> LoraAdapter:
+    """``sum_k w_k adapter_k``: every factor and extra averaged with normalised weights ``w``.
+
+    All adapters must share keys and shapes; the result has the first one's alpha.
+    """
     first = adapters[0]
     modules = {
         name: LoraFactors(

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from strategies.adapter import LoraAdapter, LoraFactors
-from strategies.fedit import weighted_mean
+from strategies.fedit import weighted_average_adapters
 
 _WEIGHT_SUM_TOL = 1e-6
 
@@ -208,16 +208,7 @@ def hetlora_aggregate(
             raise ValueError(f"adapter {i} has other keys than adapter 0")
         if a.alpha != first.alpha:
             raise ValueError(f"adapter {i} has alpha {a.alpha}, adapter 0 has {first.alpha}")
-    padded = [pad_adapter(a, max_rank) for a in adapters]
-    modules = {
-        name: LoraFactors(
-            A=weighted_mean([p.modules[name].A for p in padded], w),
-            B=weighted_mean([p.modules[name].B for p in padded], w),
-        )
-        for name in first.modules
-    }
-    extras = {key: weighted_mean([a.extras[key] for a in adapters], w) for key in first.extras}
-    return LoraAdapter(modules=modules, alpha=first.alpha, extras=extras)
+    return weighted_average_adapters([pad_adapter(a, max_rank) for a in adapters], w)
 
 
 def kept_rank(rank: int, gamma: float) -> int:
