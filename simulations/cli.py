@@ -107,6 +107,24 @@ def _add_experiment(sub: Any) -> None:
     p.set_defaults(func=_run_experiment)
 
 
+def _add_certs(sub: Any) -> None:
+    p = sub.add_parser(
+        "certs",
+        help="write TLS certificates and SuperNode keys for a Flower deployment",
+        description="Generate a CA, the SuperLink's TLS certificate and one authentication "
+        "key pair per SuperNode (the formats Flower 1.42 expects) into a folder, and print "
+        "the commands that use them.",
+    )
+    p.add_argument("--out", default="deploy/certs", help="folder to write into")
+    p.add_argument("--hosts", default="localhost,127.0.0.1",
+                   help="comma-separated DNS names / IP addresses of the SuperLink "
+                   "(localhost and 127.0.0.1 are always included)")
+    p.add_argument("--nodes", type=int, default=2, help="number of SuperNode key pairs")
+    p.add_argument("--days", type=int, default=365, help="certificate validity in days")
+    p.add_argument("--overwrite", action="store_true", help="replace existing material")
+    p.set_defaults(func=_run_certs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedlora`` command."""
     parser = argparse.ArgumentParser(
@@ -116,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_centralised(sub)
     _add_experiment(sub)
+    _add_certs(sub)
     return parser
 
 
@@ -230,6 +249,21 @@ def _run_experiment(args: argparse.Namespace) -> int:
         print(f"{failed} of {len(result.runs)} runs failed; see the report", file=sys.stderr)
     print(f"report: {report}")
     return 1 if failed else 0
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from privacy.certs import usage_text, write_deployment_material
+
+    hosts = [host.strip() for host in args.hosts.split(",") if host.strip()]
+    try:
+        material = write_deployment_material(Path(args.out), hosts=hosts, num_nodes=args.nodes,
+                                             days=args.days, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from exc
+    print(usage_text(material), end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
