@@ -9,6 +9,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -21,6 +22,7 @@ from server.results import ResultsWriter
 from server.settings import RunSettings
 from strategies import LoraStrategy, get_strategy_class
 from strategies.wire import adapter_to_record, record_to_adapter
+from task.training import Encoded
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
@@ -105,7 +107,7 @@ class FederatedRun:
         scores: dict[str, float] = {}
         if self._should_evaluate(server_round):
             scores = evaluate(self.runtime.model, self.runtime.tokenizer,
-                              self.runtime.encoded_test(),
+                              self._eval_data(server_round),
                               batch_size=self.settings.federation.eval_batch_size,
                               device=self.runtime.device, autocast=self.runtime.autocast)
         if server_round > 0 and self.settings.federation.keep_checkpoints > 0:
@@ -116,6 +118,17 @@ class FederatedRun:
         if self.on_round is not None:
             self.on_round(record)
         return MetricRecord(scores) if scores else None
+
+    def _eval_data(self, server_round: int) -> Encoded:
+        """The held-out split, or its fixed subset for intermediate rounds."""
+        fed = self.settings.federation
+        data = self.runtime.encoded_test()
+        if fed.eval_subset == 0 or fed.eval_subset >= len(data) or \
+                server_round == fed.num_rounds:
+            return data
+        order = np.random.default_rng(fed.seed).permutation(len(data))[: fed.eval_subset]
+        return Encoded([data.input_ids[i] for i in order],
+                       None if data.labels is None else [data.labels[i] for i in order])
 
     def _round_record(self, server_round: int, scores: dict[str, float],
                       eval_seconds: float) -> dict[str, Any]:

@@ -16,7 +16,9 @@ class FederationSettings:
     """Rounds, sampling, timeouts, validation caps, evaluation and results.
 
     ``eval_every``: evaluate the global adapter on the held-out split every k rounds
-    (the last round always); ``keep_checkpoints``: how many per-round checkpoints to keep.
+    (the last round always); ``eval_subset``: evaluate intermediate rounds on this many
+    held-out examples (a fixed, seeded subset; 0 = all; the last round always uses all);
+    ``keep_checkpoints``: how many per-round checkpoints to keep.
     """
 
     strategy: str = "fedit"
@@ -30,6 +32,7 @@ class FederationSettings:
     seed: int = 0
     results_dir: str = "results/latest"
     eval_every: int = 1
+    eval_subset: int = 0
     eval_batch_size: int = 64
     keep_checkpoints: int = 2
     rank_distribution: str = "fixed"
@@ -59,6 +62,7 @@ class FederationSettings:
             (self.max_num_examples >= 1,
              f"max-num-examples must be at least 1, got {self.max_num_examples}"),
             (self.eval_every >= 1, f"eval-every must be at least 1, got {self.eval_every}"),
+            (self.eval_subset >= 0, f"eval-subset must not be negative, got {self.eval_subset}"),
             (self.eval_batch_size >= 1,
              f"eval-batch-size must be at least 1, got {self.eval_batch_size}"),
             (self.keep_checkpoints >= 0,
