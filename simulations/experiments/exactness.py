@@ -22,7 +22,7 @@ def exactness() -> ExperimentSpec:
         name="exactness",
         description=(
             "Aggregation exactness and personalisation on the embedded default (MiniLM-L6, "
-            "BBC News, 4 clients, 5 rounds of 10 local steps, 64 tokens, rank 8), with "
+            "BBC News, 4 clients, 5 rounds of 8 local steps, 64 tokens, rank 8), with "
             "label-skewed partitions (Dirichlet 0.1) and milder ones (1.0). FedIT averages A "
             "and B separately (inexact); FFA-LoRA freezes a shared A and averages B (exact; "
             "alpha 64, i.e. scale 8, because a frozen A needs a larger step on B); "
@@ -35,7 +35,7 @@ def exactness() -> ExperimentSpec:
         variants=[Variant(f"{name}-a{alpha:g}", {**config, "dirichlet-alpha": alpha})
                   for alpha in ALPHAS for name, config in STRATEGIES.items()],
         num_clients=4,
-        base_config={"num-rounds": 5, "local-steps": 10, "max-length": 64,
+        base_config={"num-rounds": 5, "local-steps": 8, "max-length": 64,
                      "keep-checkpoints": 0, "eval-batch-size": 128,
                      "local-test-fraction": 0.2, "fraction-evaluate": 1.0},
         group_by="dirichlet-alpha",
