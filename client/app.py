@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.dp import BudgetRefused, train_private
 from client.partition import node_partition
 from client.private_state import load_private, store_private
 from client.ranks import apply_rank_budget, fit_rank, prune, pruning_penalty
@@ -27,9 +28,15 @@ from task.settings import TaskSettings
 if TYPE_CHECKING:
     from task.runtime import TaskRuntime
 
+BUDGET_ERROR_CODE = 4001  # a client refusing a round that would exceed its privacy budget
+
+
+def _config(context: Context, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {**context.run_config, **(overrides or {})}
+
 
 def _settings(context: Context, overrides: Mapping[str, Any] | None) -> TaskSettings:
-    return TaskSettings.from_run_config({**context.run_config, **(overrides or {})})
+    return TaskSettings.from_run_config(_config(context, overrides))
 
 
 def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> int:
@@ -84,12 +91,22 @@ def train(
     if instructions.options.get("sparse-base"):
         runtime.sparse.start_training()
     seed = round_seed(settings, instructions.server_round, partition_id)
+    penalty = pruning_penalty(runtime, instructions)
+    dp = settings.privacy.to_dp()
     try:
         with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
             torch.manual_seed(seed)
-            result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
-                                 device=runtime.device, autocast=runtime.autocast, seed=seed,
-                                 penalty=pruning_penalty(runtime, instructions))
+            if dp is None:
+                result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
+                                     device=runtime.device, autocast=runtime.autocast,
+                                     seed=seed, penalty=penalty)
+            else:
+                num_rounds = int(_config(context, overrides).get("num-rounds", 1))
+                result = train_private(runtime, data, settings.train, dp=dp, context=context,
+                                       seed=seed, num_rounds=num_rounds, penalty=penalty)
+    except BudgetRefused as exc:  # refuse, say why; the server leaves us out
+        return Message(Error(code=BUDGET_ERROR_CODE, reason=f"refused to train: {exc}"),
+                       reply_to=message)
     finally:
         runtime.set_trainable(ALL_PARTS)
         runtime.sparse.stop_training()
@@ -105,6 +122,7 @@ def train(
         "train-seconds": result.seconds,
         "partition-id": partition_id,
         "rank": adapter.max_rank,
+        **(result.metrics() if hasattr(result, "metrics") else {}),
     })
     outgoing = select_parts(trained, instructions.send_parts)
     content = RecordDict({ARRAYS_KEY: state_to_record(outgoing), METRICS_KEY: metrics})

@@ -293,6 +293,11 @@ class LoraStrategy(FedAvg):
         if losses:
             total = sum(n for _, n in losses)
             stats.train_loss = sum(loss * n for loss, n in losses) / total
+        epsilons = {str(u.node_id): u.metrics["dp-epsilon"] for u in accepted
+                    if "dp-epsilon" in u.metrics}
+        if epsilons:  # each client's cumulative example-level epsilon (DP-SGD)
+            stats.details["client_epsilon"] = epsilons
+            stats.metrics["dp-epsilon-max"] = max(epsilons.values())
         return accepted
 
     def aggregate_train(

@@ -176,6 +176,43 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Example-level DP-SGD on each client (Opacus), off unless ``dp`` is true.
+
+    ``dp_target_epsilon`` above 0 chooses the noise so that the whole run (num-rounds x
+    local steps) reaches it; otherwise ``dp_noise_multiplier`` is used. A client whose
+    next round would take its cumulative epsilon past ``dp_epsilon_budget`` (above 0)
+    refuses to train. See :class:`privacy.accounting.DPSettings`.
+    """
+
+    dp: bool = False
+    dp_noise_multiplier: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_epsilon_budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dp:
+            self.to_dp()  # validates with the messages of DPSettings
+
+    def to_dp(self) -> Any:
+        """The :class:`privacy.accounting.DPSettings`, or None when DP is off."""
+        if not self.dp:
+            return None
+        from privacy.accounting import DPSettings
+
+        target = self.dp_target_epsilon if self.dp_target_epsilon > 0 else None
+        return DPSettings(
+            noise_multiplier=None if target else self.dp_noise_multiplier,
+            target_epsilon=target, delta=self.dp_delta, max_grad_norm=self.dp_max_grad_norm,
+            accountant=self.dp_accountant,
+            epsilon_budget=self.dp_epsilon_budget if self.dp_epsilon_budget > 0 else None,
+        )
+
+
+@dataclass(frozen=True)
 class TaskSettings:
     """Everything a client (and the server's evaluator) needs to build the task."""
 
@@ -183,6 +220,7 @@ class TaskSettings:
     data: DataSettings
     lora: LoraSettings
     train: TrainSettings
+    privacy: PrivacySettings = PrivacySettings()
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> TaskSettings:
@@ -192,19 +230,20 @@ class TaskSettings:
             data=from_run_config(DataSettings, config),
             lora=from_run_config(LoraSettings, config),
             train=from_run_config(TrainSettings, config),
+            privacy=from_run_config(PrivacySettings, config),
         )
 
     @staticmethod
     def keys() -> set[str]:
         """Run-config keys read by the task settings."""
         return set().union(
-            *(settings_keys(c)
-              for c in (ModelSettings, DataSettings, LoraSettings, TrainSettings))
+            *(settings_keys(c) for c in
+              (ModelSettings, DataSettings, LoraSettings, TrainSettings, PrivacySettings))
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Flat run-config view of these settings."""
         flat: dict[str, Any] = {}
-        for part in (self.model, self.data, self.lora, self.train):
+        for part in (self.model, self.data, self.lora, self.train, self.privacy):
             flat.update({run_config_key(k): v for k, v in dataclasses.asdict(part).items()})
         return flat

@@ -123,3 +123,17 @@ def test_node_config_without_partition_says_how_to_fix():
         node_partition({})
     with pytest.raises(ValueError, match="partition-id 3 must be in"):
         node_partition({"partition-id": 3, "num-partitions": 2})
+
+
+def test_dp_client_reports_cumulative_epsilon_and_refuses_past_its_budget(tiny_bert_dir,
+                                                                          toy_csv):
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-3, "num-rounds": 3})
+    context = _context(config)
+    first = train(_train_message(config, server_round=1)[0], context)
+    second = train(_train_message(config, server_round=2)[0], context)
+    eps1, eps2 = (m.content["metrics"]["dp-epsilon"] for m in (first, second))
+    assert 0 < eps1 < eps2  # cumulative over rounds: the ledger lives in context.state
+    context.run_config["dp-epsilon-budget"] = eps2  # any further round exceeds it
+    refused = train(_train_message(config, server_round=3)[0], context)
+    assert refused.has_error() and "refused to train" in refused.error.reason
