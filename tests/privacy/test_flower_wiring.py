@@ -137,3 +137,22 @@ def test_client_refuses_a_server_that_does_not_match_its_pin():
     grid.contexts[1].node_config["server-key-pin"] = ServerIdentity.generate().fingerprint()
     with pytest.raises(ValueError, match="untrusted server"):
         strategy.configure_train(1, ArrayRecord({}), ConfigRecord(), grid)
+
+
+def test_per_client_payloads_of_heterogeneous_ranks_are_sealed_per_node():
+    from strategies.hetlora import HetLoRA
+    from strategies.ranks import RankPlan
+
+    adapter = random_adapter(np.random.default_rng(0), {"m": 4})
+    inner = HetLoRA(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
+                    rank_plan=RankPlan(max_rank=4, explicit=(1, 2, 4)))
+    strategy = EncryptedStrategy(inner)
+    grid = FakeGrid([1, 2, 3], local_update(0.0))
+    messages = strategy.configure_train(1, adapter_to_record(adapter), ConfigRecord(), grid)
+    manifests = {m.metadata.dst_node_id: m.content.config_records[SEALED_KEY]["manifest"]
+                 for m in messages}
+    assert '"m.lora_A.weight",[1,6]' in manifests[1]  # rank 1 for node 1, sealed for it
+    assert '"m.lora_A.weight",[4,6]' in manifests[3]
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert metrics["num-accepted"] == 3
+    assert inner.history[1].client_ranks == {1: 1, 2: 2, 3: 4}
