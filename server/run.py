@@ -40,6 +40,7 @@ def build_strategy(settings: RunSettings) -> LoraStrategy:
         fraction_evaluate=fed.fraction_evaluate,
         min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         seed=fed.seed,
+        min_reply_fraction=fed.min_reply_fraction,
         **settings.strategy_options(),
     )
 

@@ -27,6 +27,7 @@ class FederationSettings:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     fraction_evaluate: float = 0.0
+    min_reply_fraction: float = 0.0
     round_timeout: float = 3600.0
     max_num_examples: int = 1_000_000
     seed: int = 0

@@ -102,6 +102,8 @@ class LoraStrategy(FedAvg):
         fraction_evaluate: fraction of nodes asked for federated evaluation (0 = none).
         min_evaluate_nodes: at least this many nodes evaluate when it is above 0.
         seed: seeds the node sampling.
+        min_reply_fraction: a round aggregates only if at least this share of the sampled
+            nodes sent a valid update; otherwise it is abandoned (global unchanged).
 
     """
 
@@ -125,9 +127,12 @@ class LoraStrategy(FedAvg):
         fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 0,
         seed: int = 0,
+        min_reply_fraction: float = 0.0,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
+        if not 0.0 <= min_reply_fraction <= 1.0:
+            raise ValueError(f"min-reply-fraction must be in [0, 1], got {min_reply_fraction}")
         if not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must be in [0, 1], got {fraction_evaluate}")
         if min_train_nodes < 1:
@@ -152,6 +157,7 @@ class LoraStrategy(FedAvg):
         )
         self.lora_alpha = lora_alpha
         self.max_num_examples = max_num_examples
+        self.min_reply_fraction = min_reply_fraction
         self.history: dict[int, RoundStats] = {}
         self._rng = random.Random(seed)
         self._specs: dict[int, UpdateSpec] = {}
@@ -311,6 +317,12 @@ class LoraStrategy(FedAvg):
         if not updates:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged",
                 server_round)
+            return None, self.round_metrics(stats)
+        if len(updates) < self.min_reply_fraction * stats.sampled:
+            log(WARNING, "round %d abandoned: %d valid updates of %d sampled nodes is below "
+                "min-reply-fraction %.2f; the global adapter is unchanged", server_round,
+                len(updates), stats.sampled, self.min_reply_fraction)
+            stats.metrics["abandoned"] = 1.0
             return None, self.round_metrics(stats)
         if self._global is None:
             raise AggregationError("aggregate_train called before configure_train")

@@ -119,3 +119,19 @@ def test_constructor_rejects_bad_settings():
         FedIT(lora_alpha=8.0, fraction_train=0.0)
     with pytest.raises(ValueError, match="max-num-examples"):
         FedIT(lora_alpha=8.0, max_num_examples=0)
+
+
+def test_round_below_the_minimum_reply_fraction_is_abandoned():
+    strategy = FedIT(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
+                     min_reply_fraction=0.6)
+    _, messages = _configured(strategy)
+    good = random_adapter(np.random.default_rng(2), {"m": 2})
+    replies = [_reply_to(messages[11], _update(good, 10)),
+               Message(Error(code=1, reason="timed out"), reply_to=messages[12])]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None and metrics["abandoned"] == 1.0
+    strategy2 = FedIT(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
+                      min_reply_fraction=0.3)
+    _, messages = _configured(strategy2)
+    arrays, _ = strategy2.aggregate_train(1, [_reply_to(messages[11], _update(good, 10))])
+    assert arrays is not None
