@@ -98,8 +98,9 @@ def get_experiment(name: str) -> ExperimentSpec:
     if name not in EXPERIMENTS and name.replace("-", "_").isidentifier():
         _import_experiment_module(name)
     if name not in EXPERIMENTS:
-        known = ", ".join(available_experiments())
-        raise ValueError(f"unknown experiment '{name}'; known experiments: {known}")
+        known = ", ".join(available_experiments())  # imports every experiment module
+        if name not in EXPERIMENTS:  # (a module may define more than one experiment)
+            raise ValueError(f"unknown experiment '{name}'; known experiments: {known}")
     return EXPERIMENTS[name]()
 
 
