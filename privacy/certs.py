@@ -56,7 +56,6 @@ import datetime
 import ipaddress
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from privacy.files import write_atomic
 
 PRIVATE_KEY_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
@@ -311,24 +312,6 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file (created 0600) and ``os.replace``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -442,14 +425,14 @@ def write_deployment_material(folder: Path, *, hosts: Sequence[str], num_nodes: 
     ca_key, ca_cert = generate_ca(days=days)
     server_key, server_cert = generate_server_cert(ca_key, ca_cert, hosts=names, days=days,
                                                    include_loopback=include_loopback)
-    _write_atomic(material.ca_key, _pem_private_key(ca_key), PRIVATE_KEY_MODE)
-    _write_atomic(material.ca_cert, _pem_cert(ca_cert), PUBLIC_FILE_MODE)
-    _write_atomic(material.server_key, _pem_private_key(server_key), PRIVATE_KEY_MODE)
-    _write_atomic(material.server_cert, _pem_cert(server_cert), PUBLIC_FILE_MODE)
+    write_atomic(material.ca_key, _pem_private_key(ca_key), PRIVATE_KEY_MODE)
+    write_atomic(material.ca_cert, _pem_cert(ca_cert), PUBLIC_FILE_MODE)
+    write_atomic(material.server_key, _pem_private_key(server_key), PRIVATE_KEY_MODE)
+    write_atomic(material.server_cert, _pem_cert(server_cert), PUBLIC_FILE_MODE)
     for i, (private_key, public_key) in enumerate(node_pairs):
-        _write_atomic(material.node_keys[i], node_private_key_bytes(private_key),
+        write_atomic(material.node_keys[i], node_private_key_bytes(private_key),
                       PRIVATE_KEY_MODE)
-        _write_atomic(material.node_public_keys[i],
+        write_atomic(material.node_public_keys[i],
                       node_public_key_bytes(public_key, f"fedlora-supernode-{i}"),
                       PUBLIC_FILE_MODE)
     _fsync_folder(material.folder)

@@ -17,12 +17,13 @@ import hashlib
 import hmac
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from privacy.files import write_atomic
 
 PUBLIC_KEY_BYTES = 32
 KEY_FILE_MODE = 0o600
@@ -189,17 +190,7 @@ class ServerIdentity:
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
         data = self.private_bytes(form, password=password)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            os.fchmod(fd, KEY_FILE_MODE)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, data, KEY_FILE_MODE)
         return target
 
     @classmethod
