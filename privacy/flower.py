@@ -21,7 +21,7 @@ first handshake (acceptable in simulation, not against an active relay).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -169,13 +169,13 @@ class EncryptedStrategy(Strategy):
         self.rejections.setdefault(server_round, []).append((node, reason))
         log(WARNING, "round %d: rejected message from node %d: %s", server_round, node, reason)
 
-    def _open_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+    def _open_replies(self, server_round: int, replies: Iterable[Message]) -> Iterator[Message]:
+        """Open each sealed reply as it arrives (a generator: replies are not collected)."""
         keys = self._rounds.get(server_round)
-        opened = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                opened.append(reply)
+                yield reply
                 continue
             try:
                 if keys is None or node not in keys.sessions:
@@ -198,8 +198,7 @@ class EncryptedStrategy(Strategy):
                                 if k not in (SEALED_KEY, HELLO_KEY)})
             plain[ARRAYS_KEY] = _to_record(arrays)
             reply.content = plain
-            opened.append(reply)
-        return opened
+            yield reply
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

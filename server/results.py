@@ -55,6 +55,12 @@ class ResultsWriter:
             self.details[str(record["round"])] = details
             _atomic_write(self.root / "details.json", json.dumps(self.details, indent=2) + "\n")
 
+    def restore(self, records: list[dict[str, Any]], details: dict[str, Any]) -> None:
+        """Continue from a saved run's records and details (on resume); rewrites the files."""
+        self.records, self.details = [], dict(details)
+        for record in records:
+            self.add_round(record, self.details.get(str(record["round"])))
+
     def save_adapter(self, model: Any, name: str) -> Path:
         """Save the model's adapter in PEFT's format under ``name``, atomically."""
         target = self.root / name

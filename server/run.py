@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,19 @@ from flwr.supercore import log
 from privacy.flower import EncryptedStrategy
 from privacy.keys import ServerIdentity
 from server.plots import plot_metrics
+from server.replies import stream_replies
 from server.results import ResultsWriter
 from server.settings import RunSettings
+from server.state import ServerState, StateStore
 from strategies import LoraStrategy, get_strategy_class
-from strategies.wire import adapter_to_record, record_to_adapter
+from strategies.wire import adapter_to_record, record_to_adapter, state_to_record
 from task.training import Encoded
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+#: settings a resumed run must share with the saved one (they change what is trained)
+RESUME_MUST_MATCH = ("strategy", "model", "task", "dataset", "lora-rank", "lora-alpha",
+                     "target-modules", "seed", "partitioner", "dirichlet-alpha", "dp")
 
 
 def build_strategy(settings: RunSettings) -> LoraStrategy:
@@ -92,6 +98,7 @@ class FederatedRun:
         self.runtime = cached_runtime(settings.task)
         self.writer = ResultsWriter(settings.federation.results_dir, settings.to_dict(),
                                     keep_checkpoints=settings.federation.keep_checkpoints)
+        self.state_store = StateStore(settings.federation.results_dir)
         self.on_round = on_round
 
     def _should_evaluate(self, server_round: int) -> bool:
@@ -180,21 +187,37 @@ class FederatedRun:
         log(INFO, " | ".join(parts))
 
     def execute(self, grid: Grid) -> RunSummary:
-        """Run every round; save the final adapter, the plot and a summary."""
+        """Run every round (from the saved state with ``resume``); save the final adapter.
+
+        The loop is Flower's ``Strategy.start`` with two changes: replies are folded into
+        the aggregate as they arrive (:func:`server.replies.stream_replies`), and the
+        server's state is saved after every round so a restarted server can resume.
+        """
         started = time.monotonic()
         fed = self.settings.federation
         initial = adapter_to_record(self.runtime.initial_adapter)
-        result = self.runner.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=fed.num_rounds,
-            timeout=fed.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=self.evaluate,
-        )
-        final = result.arrays if len(result.arrays) else initial
-        self.runtime.set_adapter(record_to_adapter(final, self.settings.task.lora.lora_alpha))
+        arrays, first_round = initial, 1
+        resumed = self.resume() if fed.resume else None
+        if resumed is not None:
+            arrays, first_round = state_to_record(resumed.arrays), resumed.round + 1
+        else:
+            self.evaluate(0, initial)
+        self.runner.summary()
+        for server_round in range(first_round, fed.num_rounds + 1):
+            log(INFO, "[ROUND %d/%d]", server_round, fed.num_rounds)
+            messages = self.runner.configure_train(server_round, arrays, ConfigRecord(), grid)
+            replies = stream_replies(grid, messages, timeout=fed.round_timeout)
+            new_arrays, _ = self.runner.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            evaluate = list(self.runner.configure_evaluate(server_round, arrays, ConfigRecord(),
+                                                           grid))
+            if evaluate:
+                self.runner.aggregate_evaluate(server_round, grid.send_and_receive(
+                    evaluate, timeout=fed.round_timeout))
+            self.evaluate(server_round, arrays)
+            self.save_state(server_round, arrays)
+        self.runtime.set_adapter(record_to_adapter(arrays, self.settings.task.lora.lora_alpha))
         self.writer.save_adapter(self.runtime.model, "final_adapter")
         summary = RunSummary(self.writer.root, self.writer.records, time.monotonic() - started)
         plot_metrics(summary.records, self.writer.root / "metrics.png",
@@ -203,6 +226,7 @@ class FederatedRun:
         self.writer.write_json("summary.json", {
             "strategy": fed.strategy,
             "rounds": fed.num_rounds,
+            "resumed_after_round": None if resumed is None else resumed.round,
             "final": summary.final,
             "best_eval_accuracy": summary.best(),
             "seconds": summary.seconds,
@@ -210,3 +234,40 @@ class FederatedRun:
         })
         log(INFO, "results written to %s", self.writer.root)
         return summary
+
+    def save_state(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Save what a restarted server needs to continue after ``server_round``."""
+        self.state_store.save(ServerState(
+            round=server_round,
+            arrays=record_to_adapter(arrays, self.strategy.lora_alpha).to_state_dict(),
+            strategy=self.strategy.state_dict(), records=self.writer.records,
+            details=self.writer.details, settings=self.settings.to_dict()))
+
+    def resume(self) -> ServerState | None:
+        """Load the newest intact saved round and restore the strategy and the results.
+
+        Raises:
+            ValueError: the saved run used settings that change what is trained.
+
+        """
+        state = self.state_store.load_latest()
+        if state is None:
+            log(WARNING, "resume: no saved state in %s; starting from round 1",
+                self.state_store.folder)
+            return None
+        current = self.settings.to_dict()
+        changed = sorted(k for k in RESUME_MUST_MATCH
+                         if k in state.settings and state.settings[k] != current.get(k))
+        if changed:
+            raise ValueError(
+                "resume: the saved run used other settings for " + ", ".join(
+                    f"{k} ({state.settings[k]!r}, now {current.get(k)!r})" for k in changed)
+                + "; use the saved run's settings or another results-dir")
+        if state.round >= self.settings.federation.num_rounds:
+            log(WARNING, "resume: the saved run already finished round %d of %d",
+                state.round, self.settings.federation.num_rounds)
+        self.strategy.load_state_dict(state.strategy)
+        self.writer.restore(state.records, state.details)
+        log(INFO, "resume: continuing after round %d from %s", state.round,
+            self.state_store.folder)
+        return state

@@ -18,7 +18,9 @@ class FederationSettings:
     ``eval_every``: evaluate the global adapter on the held-out split every k rounds
     (the last round always); ``eval_subset``: evaluate intermediate rounds on this many
     held-out examples (a fixed, seeded subset; 0 = all; the last round always uses all);
-    ``keep_checkpoints``: how many per-round checkpoints to keep.
+    ``keep_checkpoints``: how many per-round checkpoints to keep; ``resume``: continue
+    from the last completed round saved in ``<results-dir>/state`` (a fresh start when
+    there is none).
     """
 
     strategy: str = "fedit"
@@ -36,6 +38,7 @@ class FederationSettings:
     eval_subset: int = 0
     eval_batch_size: int = 64
     keep_checkpoints: int = 2
+    resume: bool = False
     rank_distribution: str = "fixed"
     rank_choices: str = ""
     client_ranks: str = ""

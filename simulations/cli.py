@@ -23,6 +23,7 @@ SIMULATE_OPTIONS = {
     "local_steps": "local-steps",
     "learning_rate": "learning-rate",
     "batch_size": "batch-size",
+    "resume": "resume",
 }
 
 
@@ -46,6 +47,8 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--local-steps", type=int, help="optimizer steps per client per round")
     p.add_argument("--learning-rate", type=float, help="client AdamW learning rate")
     p.add_argument("--batch-size", type=int, help="client batch size")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the last completed round saved in the results folder")
     p.add_argument("--run-config", default="",
                    help='any other setting: "key=value key=value" (keys of [tool.flwr.app.config])')
     p.add_argument("--cpus-per-client", type=float, default=1.0,

@@ -2,9 +2,11 @@
 
 :class:`LoraStrategy` extends Flower's message-based ``FedAvg`` and fills its hooks:
 ``configure_train`` builds one message per sampled node (payloads may differ per
-client), ``aggregate_train`` validates every reply, leaves bad ones out with a
-logged reason, and hands the good ones to the strategy's pure aggregation
-function. The round loop itself stays Flower's (``Strategy.start``).
+client), ``aggregate_train`` validates every reply as it arrives, leaves bad ones out
+with a logged reason, and folds the good ones into the strategy's :class:`Aggregation`.
+Linear rules (FedIT and its relatives) keep only a running sum, so the server's memory
+does not grow with the number of clients in a round; others collect the updates and
+call the strategy's pure aggregation function once the round's replies are in.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import dataclasses
 import math
 import random
 import time
-from abc import abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -79,6 +81,45 @@ class RoundStats:
         self.rejected += 1
         self.rejections.append((node_id, reason))
         log(WARNING, "round %d: rejected update from node %d: %s", self.round, node_id, reason)
+
+
+class Aggregation(ABC):
+    """Folds one round's validated updates, one at a time, into the next global adapter."""
+
+    count: int = 0
+
+    @abstractmethod
+    def add(self, update: ClientUpdate) -> None:
+        """Fold in one validated update (its message can be dropped afterwards)."""
+
+    @abstractmethod
+    def result(self) -> LoraAdapter:
+        """The new global adapter from every update added so far."""
+
+
+class CollectedUpdates(Aggregation):
+    """Keeps every update and applies the strategy's rule once all are in.
+
+    For rules that need all updates at once (FlexLoRA's SVD of their sum): each update
+    kept is its adapter factors and counts; the reply messages are not kept.
+    """
+
+    def __init__(self, strategy: LoraStrategy, server_round: int,
+                 global_adapter: LoraAdapter) -> None:
+        self.strategy = strategy
+        self.server_round = server_round
+        self.global_adapter = global_adapter
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Keep the update."""
+        self.updates.append(update)
+        self.count += 1
+
+    def result(self) -> LoraAdapter:
+        """The strategy's :meth:`LoraStrategy.aggregate_adapters` over the kept updates."""
+        return self.strategy.aggregate_adapters(self.server_round, self.global_adapter,
+                                                self.updates)
 
 
 @dataclass(frozen=True)
@@ -217,6 +258,23 @@ class LoraStrategy(FedAvg):
     ) -> LoraAdapter:
         """The new global adapter from the validated updates (a pure function)."""
 
+    def start_aggregation(self, server_round: int, global_adapter: LoraAdapter) -> Aggregation:
+        """The accumulator for this round (default: collect, then ``aggregate_adapters``)."""
+        return CollectedUpdates(self, server_round, global_adapter)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue as if never stopped (JSON-serialisable).
+
+        The node-sampling generator's state; subclasses add theirs (ranks, stages).
+        """
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+
     # ------------------------------------------------------------ Flower API
 
     def summary(self) -> None:
@@ -261,10 +319,16 @@ class LoraStrategy(FedAvg):
 
     def collect_updates(
         self, server_round: int, replies: Iterable[Message]
-    ) -> list[ClientUpdate]:
-        """Validate replies; count and log failures and rejections; return the good ones."""
+    ) -> Iterator[ClientUpdate]:
+        """Validate replies as they arrive; count and log failures and rejections.
+
+        Yields each valid update once; the caller folds it in and drops it, so no more
+        than one reply is held at a time. Train loss and client epsilons are kept in
+        the round's stats as running figures.
+        """
         stats = self.history.setdefault(server_round, RoundStats(round=server_round))
-        updates: dict[int, ClientUpdate] = {}
+        seen: set[int] = set()
+        loss_sum = loss_weight = 0.0
         for message in replies:
             node_id = message.metadata.src_node_id
             if message.has_error():
@@ -276,58 +340,71 @@ class LoraStrategy(FedAvg):
             try:
                 if spec is None:
                     raise UpdateRejected("reply from a node not sampled in this round")
-                if node_id in updates:
+                if node_id in seen:
                     raise UpdateRejected("second reply from the same node in this round")
                 update = validate_update(message.content, spec, node_id=node_id)
+                update.adapter = LoraAdapter.from_state_dict(
+                    {**self._payloads[node_id].adapter.to_state_dict(), **update.state},
+                    self._payloads[node_id].instructions.alpha,
+                )
             except UpdateRejected as exc:
                 stats.reject(node_id, exc.reason)
                 continue
             except Exception as exc:  # noqa: BLE001 - a malformed reply never crashes the server
                 stats.reject(node_id, f"malformed reply ({type(exc).__name__}: {exc})")
                 continue
-            update.adapter = LoraAdapter.from_state_dict(
-                {**self._payloads[node_id].adapter.to_state_dict(), **update.state},
-                self._payloads[node_id].instructions.alpha,
-            )
-            updates[node_id] = update
+            seen.add(node_id)
+            stats.accepted += 1
             stats.client_ranks[node_id] = update.adapter.max_rank
             stats.bytes_up += record_nbytes(message.content.array_records[ARRAYS_KEY])
-        stats.accepted = len(updates)
-        accepted = list(updates.values())
-        losses = [(u.metrics["train-loss"], u.num_examples) for u in accepted
-                  if "train-loss" in u.metrics]
-        if losses:
-            total = sum(n for _, n in losses)
-            stats.train_loss = sum(loss * n for loss, n in losses) / total
-        epsilons = {str(u.node_id): u.metrics["dp-epsilon"] for u in accepted
-                    if "dp-epsilon" in u.metrics}
-        if epsilons:  # each client's cumulative example-level epsilon (DP-SGD)
-            stats.details["client_epsilon"] = epsilons
-            stats.metrics["dp-epsilon-max"] = max(epsilons.values())
-        return accepted
+            if "train-loss" in update.metrics:
+                loss_sum += update.metrics["train-loss"] * update.num_examples
+                loss_weight += update.num_examples
+                stats.train_loss = loss_sum / loss_weight
+            if "dp-epsilon" in update.metrics:  # cumulative example-level epsilon (DP-SGD)
+                epsilons = stats.details.setdefault("client_epsilon", {})
+                epsilons[str(node_id)] = update.metrics["dp-epsilon"]
+                stats.metrics["dp-epsilon-max"] = max(epsilons.values())
+            del message
+            yield update
+        missing = stats.sampled - stats.accepted - stats.rejected - stats.failed
+        if missing > 0:
+            stats.metrics["num-missing"] = float(missing)
+            log(WARNING, "round %d: no reply from %d sampled node(s) reached the strategy "
+                "(round timeout, or dropped by the transport layer); left out",
+                server_round, missing)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, aggregate with the strategy's pure function, report round metrics."""
-        updates = self.collect_updates(server_round, replies)
-        stats = self.history[server_round]
+        """Validate each reply as it arrives and fold it in; report round metrics.
+
+        A round with no valid update, or fewer than ``min-reply-fraction`` of the
+        sampled nodes, is abandoned: the global adapter stays unchanged.
+        """
+        if self._global is None:
+            raise AggregationError("aggregate_train called before configure_train")
+        aggregation = self.start_aggregation(server_round, self._global)
+        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        try:
+            for update in self.collect_updates(server_round, replies):
+                aggregation.add(update)
+        except ValueError as exc:
+            raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
         log(INFO, "round %d: %d accepted, %d rejected, %d failed", server_round,
             stats.accepted, stats.rejected, stats.failed)
-        if not updates:
+        if aggregation.count == 0:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged",
                 server_round)
             return None, self.round_metrics(stats)
-        if len(updates) < self.min_reply_fraction * stats.sampled:
+        if aggregation.count < self.min_reply_fraction * stats.sampled:
             log(WARNING, "round %d abandoned: %d valid updates of %d sampled nodes is below "
                 "min-reply-fraction %.2f; the global adapter is unchanged", server_round,
-                len(updates), stats.sampled, self.min_reply_fraction)
+                aggregation.count, stats.sampled, self.min_reply_fraction)
             stats.metrics["abandoned"] = 1.0
             return None, self.round_metrics(stats)
-        if self._global is None:
-            raise AggregationError("aggregate_train called before configure_train")
         try:
-            new_global = self.aggregate_adapters(server_round, self._global, updates)
+            new_global = aggregation.result()
         except ValueError as exc:
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
         self._global = new_global

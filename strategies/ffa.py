@@ -13,14 +13,12 @@ random init, FFA-LoRA wants a larger alpha (or learning rate) than FedIT.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from strategies.adapter import LoraAdapter
-from strategies.fedit import FedIT
+from strategies.fedit import FedIT, RunningAverage
 from strategies.parts import EXTRAS, LORA_A, LORA_B
 from strategies.registry import register_strategy
-from strategies.validation import ClientUpdate
 
 
 @register_strategy("ffa-lora")
@@ -37,12 +35,10 @@ class FFALoRA(FedIT):
                              "train, send or receive A (use fedit to train A)")
         super().__init__(**kwargs)
 
-    def aggregate_adapters(
-        self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
-    ) -> LoraAdapter:
-        """FedIT's average of B; records the bytes A would have cost on the wire."""
+    def after_aggregation(self, server_round: int, global_adapter: LoraAdapter,
+                          aggregation: RunningAverage) -> None:
+        """Record the bytes A would have cost on the wire."""
         a_bytes = sum(f.A.nbytes for f in global_adapter.modules.values())
         # A stays home both ways: down to every sampled node and up from every reply
         stats = self.history[server_round]
-        stats.metrics["bytes-saved"] = float(a_bytes * (stats.sampled + len(updates)))
-        return super().aggregate_adapters(server_round, global_adapter, updates)
+        stats.metrics["bytes-saved"] = float(a_bytes * (stats.sampled + aggregation.count))

@@ -70,6 +70,11 @@ class HeteroRankStrategy(LoraStrategy):
             self.ranks.update(self.rank_plan.assign(nodes, self._rng))
         return super().configure_train(server_round, arrays, config, grid)
 
-    def state_dict(self) -> Mapping[str, Any]:
-        """Ranks of the nodes seen so far (to resume a run)."""
-        return {"ranks": dict(self.ranks)}
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling generator and the ranks of the nodes seen so far (to resume)."""
+        return {**super().state_dict(), "ranks": {str(k): v for k, v in self.ranks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the generator and the nodes' ranks (pruned ranks stay pruned)."""
+        super().load_state_dict(state)
+        self.ranks = {int(k): int(v) for k, v in state.get("ranks", {}).items()}

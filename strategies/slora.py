@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies.adapter import LoraAdapter, LoraFactors
-from strategies.base import LoraStrategy, Payload
-from strategies.fedit import average_parts
+from strategies.base import Aggregation, LoraStrategy, Payload, RoundStats
+from strategies.fedit import RunningAverage
 from strategies.instructions import ClientInstructions, ConfigValue
 from strategies.parts import ALL_PARTS, EXTRAS, LORA_B
 from strategies.registry import register_strategy
@@ -115,8 +115,7 @@ class SLoRA(LoraStrategy):
             parts = self.stage_one_parts
             train, send, download = parts, parts, parts
         else:
-            train = send = (frozenset({LORA_B, EXTRAS}) if self.then == "ffa-lora"
-                            else ALL_PARTS)
+            train = send = self.stage_send_parts(server_round)
             download = ALL_PARTS  # A comes from the SVD, not from the seed: it travels
         instructions = ClientInstructions(
             server_round=server_round, strategy=self.name, rank=global_adapter.max_rank,
@@ -148,11 +147,23 @@ class SLoRA(LoraStrategy):
             extras[sparse_key(name)] = np.zeros(size, dtype=np.float32)
         return LoraAdapter(adapter.modules, adapter.alpha, extras)
 
+    def stage_send_parts(self, server_round: int) -> frozenset[str]:
+        """The parts clients send back in this round's stage."""
+        if self.stage(server_round) == 1:
+            return self.stage_one_parts
+        return frozenset({LORA_B, EXTRAS}) if self.then == "ffa-lora" else ALL_PARTS
+
+    def start_aggregation(self, server_round: int, global_adapter: LoraAdapter) -> Aggregation:
+        """A running data-size weighted average of what this stage's clients send."""
+        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        stats.metrics["stage"] = float(self.stage(server_round))
+        return RunningAverage(global_adapter, self.stage_send_parts(server_round))
+
     def aggregate_adapters(
         self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
     ) -> LoraAdapter:
         """Data-size weighted average of what clients sent (deltas and head, or LoRA)."""
-        adapters = [u.adapter for u in updates if u.adapter is not None]
-        parts = self._payloads[updates[0].node_id].instructions.send_parts
-        self.history[server_round].metrics["stage"] = float(self.stage(server_round))
-        return average_parts(global_adapter, adapters, [u.num_examples for u in updates], parts)
+        aggregation = self.start_aggregation(server_round, global_adapter)
+        for update in updates:
+            aggregation.add(update)
+        return aggregation.result()
