@@ -152,12 +152,37 @@ def _decode(key: str, array: Array) -> np.ndarray:
     return value
 
 
+def _check_partial_factor(
+    name: str, m: ModuleSpec, a: np.ndarray | None, b: np.ndarray | None
+) -> None:
+    """A partial upload (one factor, as ``required_keys`` allows) must fit the other one.
+
+    The factor not sent is the one the server sent the node, at rank ``max_rank``, so
+    the one sent must have exactly its full shape: a narrower ``B`` (or shorter ``A``)
+    would pass the header check but could not be combined with the server's factor.
+    """
+    if a is not None:
+        factor, shape, expected = "A", tuple(a.shape), (m.max_rank, m.in_features)
+    elif b is not None:
+        factor, shape, expected = "B", tuple(b.shape), (m.out_features, m.max_rank)
+    else:
+        return
+    if shape != expected:
+        raise UpdateRejected(
+            f"{name}: {factor}{shape} does not match the expected {expected} "
+            f"(the other factor is the server's, at rank {m.max_rank})"
+        )
+
+
 def _check_modules(state: dict[str, np.ndarray], spec: UpdateSpec) -> None:
     """Exact shapes per module: A and B share one rank within the allowed bounds."""
     for name, m in spec.modules.items():
         a, b = state.get(name + LORA_A_SUFFIX), state.get(name + LORA_B_SUFFIX)
+        if a is None and b is None:
+            continue
         if a is None or b is None:
-            continue  # a partial upload (only one factor) was allowed by required_keys
+            _check_partial_factor(name, m, a, b)
+            continue
         rank = a.shape[0]
         if a.shape != (rank, m.in_features) or b.shape != (m.out_features, rank):
             raise UpdateRejected(
