@@ -65,6 +65,10 @@ class ExperimentSpec:
             and one accuracy subplot per value of this key.
         threshold: accuracy for the "rounds to reach threshold" summary.
         seeds: the seeds used when the caller gives none.
+        hooks: a module that extends the sweep (empty: none). It may define
+            ``simulate(run_config, *, num_clients, **options)`` to run each run (e.g. a
+            simulation followed by an audit), ``report_sections(result) -> list[str]``
+            (markdown lines added to the report) and ``write_plots(result) -> list[Path]``.
 
     Raises:
         ValueError: no variants, duplicate or unsafe variant names, a config that sets
@@ -80,6 +84,15 @@ class ExperimentSpec:
     group_by: str | None = None
     threshold: float = 0.8
     seeds: tuple[int, ...] = (0, 1, 2)
+    hooks: str = ""
+
+    def hook(self, name: str) -> Any:
+        """The function ``name`` of the ``hooks`` module, or None."""
+        if not self.hooks:
+            return None
+        import importlib
+
+        return getattr(importlib.import_module(self.hooks), name, None)
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -532,7 +545,7 @@ def run_experiment(
     if simulate_fn is None:
         from simulations.simulate import simulate
 
-        simulate_fn = simulate
+        simulate_fn = spec.hook("simulate") or simulate
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     plan = [(v, s) for v in spec.variants for s in seeds]

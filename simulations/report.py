@@ -271,6 +271,9 @@ def render_report(result: ExperimentResult, plots: Sequence[Path] = (),
                   "```bash", command, "```", ""]
     lines += _settings_section(result)
     lines += _results_section(result)
+    extra = result.spec.hook("report_sections")
+    if extra is not None:
+        lines += extra(result)
     lines += _failures_section(result)
     lines += _plots_section(result, plots)
     return "\n".join(lines)
@@ -285,6 +288,9 @@ def write_report(result: ExperimentResult, *, command: str | None = None) -> Pat
 
     """
     plots = write_plots(result)
+    extra_plots = result.spec.hook("write_plots")
+    if extra_plots is not None:
+        plots += extra_plots(result)
     path = result.results_dir / REPORT_FILE
     path.write_text(render_report(result, plots, command), encoding="utf-8")
     return path

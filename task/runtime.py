@@ -13,11 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from strategies.adapter import LoraAdapter
 from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainable_parts
-from task.data import TaskData, load_partition, load_task_data
+from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data
 from task.model import attach_lora, autocast_dtype, load_base_model, load_tokenizer, select_device
 from task.settings import TaskSettings
 from task.sparse import SparseBase, split_sparse
@@ -25,6 +26,8 @@ from task.training import Encoded, encode
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+    from task.canaries import Canaries
 
 
 @dataclass
@@ -150,6 +153,12 @@ class TaskRuntime:
         if key not in self._encoded:
             part = load_partition(self.data.train, self.settings.data,
                                   partition_id=partition_id, num_partitions=num_partitions)
+            if self.settings.data.audit_canaries > 0:
+                from task.canaries import insert_canaries
+
+                canaries, included = self.audit_canaries()
+                mine = np.arange(len(canaries)) % num_partitions == partition_id
+                part = insert_canaries(part, canaries.subset(included & mine))
             fraction = self.settings.data.local_test_fraction
             if fraction > 0 and len(part) >= 2:
                 split = part.train_test_split(test_size=fraction, seed=self.settings.data.seed)
@@ -158,6 +167,28 @@ class TaskRuntime:
                 self._encoded[key] = (self.encode(part), Encoded([], [] if
                                       self.settings.model.task == "classification" else None))
         return self._encoded[key]
+
+    def audit_canaries(self) -> tuple[Canaries, np.ndarray]:
+        """The run's audit canaries and the mask of those put into training.
+
+        The same on every client and on the server: both derive from the data seed.
+
+        Raises:
+            ValueError: the task is not classification (canaries carry labels).
+
+        """
+        from task.canaries import make_canaries, split_canaries
+
+        if "canaries" not in self._encoded:
+            if self.settings.model.task != "classification":
+                raise ValueError("audit-canaries needs task 'classification' (canaries are "
+                                 "randomly labelled examples); set audit-canaries=0")
+            canaries = make_canaries(self.data.train[TEXT_COLUMN], self.data.num_labels,
+                                     self.settings.data.audit_canaries,
+                                     seed=self.settings.data.seed)
+            self._encoded["canaries"] = (canaries, split_canaries(
+                canaries, seed=self.settings.data.seed)[1])
+        return self._encoded["canaries"]
 
     def encoded_test(self) -> Encoded:
         """The tokenized held-out split (cached)."""

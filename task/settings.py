@@ -96,7 +96,9 @@ class DataSettings:
     folder with one sub-folder of text files per label, or a hub dataset name.
     ``local_test_fraction``: each client keeps this share of its partition for
     evaluating its own (personalised) adapter; 0 = clients evaluate on their shard of
-    the server's held-out split.
+    the server's held-out split. ``audit_canaries``: for privacy audits, this many
+    random-word canaries with random labels, each put into training with probability
+    1/2 (canary i goes to client i mod num-partitions); 0 = none.
     """
 
     dataset: str = "bbc-news"
@@ -108,10 +110,13 @@ class DataSettings:
     test_fraction: float = 0.2
     local_test_fraction: float = 0.0
     max_length: int = 128
+    audit_canaries: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), "dataset must not be empty")
+        _check(self.audit_canaries >= 0,
+               f"audit-canaries must not be negative, got {self.audit_canaries}")
         _check(self.partitioner in PARTITIONERS,
                f"partitioner must be one of {PARTITIONERS}, got '{self.partitioner}'")
         _check(self.dirichlet_alpha > 0,

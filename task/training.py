@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from task.data import LABEL_COLUMN, TEXT_COLUMN
 from task.settings import TrainSettings
 
@@ -165,3 +167,38 @@ def evaluate(
     if data.labels is not None:
         return {"loss": loss, "accuracy": correct / max(len(data), 1)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def per_example_losses(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Encoded,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+) -> np.ndarray:
+    """Each example's loss (classification: cross-entropy of its label), in data order.
+
+    What a loss-threshold membership-inference attack scores.
+
+    Raises:
+        ValueError: the data has no labels (causal LM).
+
+    """
+    import torch
+
+    if data.labels is None:
+        raise ValueError("per-example losses need labelled (classification) data")
+    model.eval()
+    losses: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            indices = list(range(start, min(start + batch_size, len(data))))
+            batch = make_batch(data, indices, tokenizer, device)
+            labels = batch.pop("labels")
+            with _autocast(device, autocast):
+                logits = model(**batch).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+            losses.append(loss.cpu().numpy().astype(np.float64))
+    return np.concatenate(losses) if losses else np.zeros(0)
