@@ -7,6 +7,11 @@ with a logged reason, and folds the good ones into the strategy's :class:`Aggreg
 Linear rules (FedIT and its relatives) keep only a running sum, so the server's memory
 does not grow with the number of clients in a round; others collect the updates and
 call the strategy's pure aggregation function once the round's replies are in.
+
+Client-level DP (``privacy.client_level.ClientLevelDP``, given as ``client_dp``) wraps
+that aggregation: it clips each validated update, forces uniform weights and adds noise
+to the result. This package does not import ``privacy``: the server builds the mechanism
+and hands it over (:class:`ClientDP` says what it must provide).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -64,6 +70,7 @@ class RoundStats:
 
     round: int
     sampled: int = 0
+    available: int = 0
     accepted: int = 0
     rejected: int = 0
     failed: int = 0
@@ -95,6 +102,40 @@ class Aggregation(ABC):
     @abstractmethod
     def result(self) -> LoraAdapter:
         """The new global adapter from every update added so far."""
+
+
+class PrivateAggregation(Protocol):
+    """A round's aggregation under client-level DP; ``metrics`` are its round figures."""
+
+    count: int
+    metrics: dict[str, float]
+
+    def add(self, update: ClientUpdate) -> None:
+        """Clip and fold in one validated update."""
+
+    def result(self) -> LoraAdapter:
+        """The noisy aggregate (charged to the privacy ledger)."""
+
+
+class ClientDP(Protocol):
+    """Client-level DP around a strategy's aggregation (``privacy.client_level.ClientLevelDP``)."""
+
+    def wrap(self, aggregation: Aggregation, *, server_round: int, sampled: int,
+             available: int, reference: Callable[[int], Mapping[str, np.ndarray]],
+             ) -> PrivateAggregation:
+        """The round's aggregation with clipping, uniform weights and noise."""
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative figures reported every round (the client-level epsilon)."""
+
+    def describe(self) -> str:
+        """One line for the logs."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state for a resumed run (the accountant's history)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 class CollectedUpdates(Aggregation):
@@ -145,6 +186,8 @@ class LoraStrategy(FedAvg):
         seed: seeds the node sampling.
         min_reply_fraction: a round aggregates only if at least this share of the sampled
             nodes sent a valid update; otherwise it is abandoned (global unchanged).
+        client_dp: client-level DP around every round's aggregation (None = off); refused
+            by strategies whose rule is not linear in the factors (``client_dp_refusal``).
 
     """
 
@@ -156,6 +199,8 @@ class LoraStrategy(FedAvg):
     download_parts: ClassVar[frozenset[str]] = ALL_PARTS
     #: whether a client must return exactly the rank it was sent (else any lower rank)
     exact_rank: ClassVar[bool] = True
+    #: why client-level DP cannot wrap this strategy's aggregation ("" = it can)
+    client_dp_refusal: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -169,6 +214,7 @@ class LoraStrategy(FedAvg):
         min_evaluate_nodes: int = 0,
         seed: int = 0,
         min_reply_fraction: float = 0.0,
+        client_dp: ClientDP | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
@@ -187,6 +233,9 @@ class LoraStrategy(FedAvg):
             raise ValueError(
                 f"{type(self).__name__}: adapter part(s) {sorted(overlap)} are private but the "
                 "strategy also sends or aggregates them; a part is either private or shared")
+        if client_dp is not None and self.client_dp_refusal:
+            raise ValueError(f"{self.name} does not support client-level DP "
+                             f"(client-dp-noise above 0): {self.client_dp_refusal}")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -199,11 +248,13 @@ class LoraStrategy(FedAvg):
         self.lora_alpha = lora_alpha
         self.max_num_examples = max_num_examples
         self.min_reply_fraction = min_reply_fraction
+        self.client_dp = client_dp
         self.history: dict[int, RoundStats] = {}
         self._rng = random.Random(seed)
         self._specs: dict[int, UpdateSpec] = {}
         self._payloads: dict[int, Payload] = {}
         self._global: LoraAdapter | None = None
+        self._available = 0
 
     # ------------------------------------------------------------------ hooks
 
@@ -265,21 +316,43 @@ class LoraStrategy(FedAvg):
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue as if never stopped (JSON-serialisable).
 
-        The node-sampling generator's state; subclasses add theirs (ranks, stages).
+        The node-sampling generator's state and, with client-level DP, its accountant's
+        history (so epsilon keeps counting); subclasses add theirs (ranks, stages).
         """
         version, internal, gauss = self._rng.getstate()
-        return {"rng": [version, list(internal), gauss]}
+        state: dict[str, Any] = {"rng": [version, list(internal), gauss]}
+        if self.client_dp is not None:
+            state["client_dp"] = self.client_dp.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: client-level DP is on but the saved run did not use it (its
+                earlier rounds released unnoised aggregates that no epsilon covers).
+
+        """
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
+        if self.client_dp is not None:
+            if "client_dp" not in state:
+                raise ValueError(
+                    "resume: client-level DP is on (client-dp-noise above 0) but the saved run "
+                    "did not use it, so its rounds are not covered by any epsilon; resume with "
+                    "client-dp-noise=0 or start a new run in another results-dir")
+            self.client_dp.load_state_dict(state["client_dp"])
+        elif "client_dp" in state:
+            log(WARNING, "resume: the saved run used client-level DP; this one does not "
+                "(client-dp-noise=0), so later rounds are not private")
 
     # ------------------------------------------------------------ Flower API
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "\t├──> LoRA strategy: %s (alpha %s)", self.name, self.lora_alpha)
+        if self.client_dp is not None:
+            log(INFO, "\t├──> %s", self.client_dp.describe())
         super().summary()
 
     def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -289,6 +362,7 @@ class LoraStrategy(FedAvg):
             nodes = sorted(grid.get_node_ids())
             wanted = max(int(len(nodes) * fraction), minimum)
             if len(nodes) >= max(wanted, self.min_available_nodes):
+                self._available = len(nodes)
                 return self._rng.sample(nodes, wanted)
             if waited % 10 == 0:
                 log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes), wanted)
@@ -302,14 +376,16 @@ class LoraStrategy(FedAvg):
         global_adapter = record_to_adapter(arrays, self.lora_alpha)
         self._global = global_adapter
         nodes = self.sample(grid, self.fraction_train, self.min_train_nodes)
-        stats = RoundStats(round=server_round, sampled=len(nodes))
+        stats = RoundStats(round=server_round, sampled=len(nodes), available=self._available)
         self.history[server_round] = stats
         self._specs = {}
         messages = []
         self._payloads = {}
+        shared: dict[tuple[int, frozenset[str]], ArrayRecord] = {}
         for node_id in nodes:
             payload = self.client_payload(server_round, node_id, global_adapter)
-            message, nbytes = self.payload_message(payload, node_id, config, MessageType.TRAIN)
+            message, nbytes = self.payload_message(payload, node_id, config, MessageType.TRAIN,
+                                                   shared)
             self._specs[node_id] = self.update_spec(node_id, payload)
             self._payloads[node_id] = payload
             stats.bytes_down += nbytes
@@ -384,8 +460,15 @@ class LoraStrategy(FedAvg):
         """
         if self._global is None:
             raise AggregationError("aggregate_train called before configure_train")
-        aggregation = self.start_aggregation(server_round, self._global)
         stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        aggregation: Aggregation | PrivateAggregation = self.start_aggregation(
+            server_round, self._global)
+        private: PrivateAggregation | None = None
+        if self.client_dp is not None:
+            private = aggregation = self.client_dp.wrap(
+                aggregation, server_round=server_round, sampled=max(stats.sampled, 1),
+                available=max(stats.available, stats.sampled, 1), reference=self._sent)
+            stats.metrics.update(private.metrics)
         try:
             for update in self.collect_updates(server_round, replies):
                 aggregation.add(update)
@@ -407,8 +490,15 @@ class LoraStrategy(FedAvg):
             new_global = aggregation.result()
         except ValueError as exc:
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
+        if private is not None:
+            stats.metrics.update(private.metrics)
         self._global = new_global
         return adapter_to_record(new_global), self.round_metrics(stats)
+
+    def _sent(self, node_id: int) -> dict[str, np.ndarray]:
+        """The tensors node ``node_id`` was sent this round, for the parts it sends back."""
+        payload = self._payloads[node_id]
+        return select_parts(payload.adapter.to_state_dict(), payload.instructions.send_parts)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -426,11 +516,22 @@ class LoraStrategy(FedAvg):
 
     @staticmethod
     def payload_message(
-        payload: Payload, node_id: int, config: ConfigRecord, message_type: str
+        payload: Payload, node_id: int, config: ConfigRecord, message_type: str,
+        shared: dict[tuple[int, frozenset[str]], ArrayRecord] | None = None,
     ) -> tuple[Message, int]:
-        """The message carrying ``payload`` to ``node_id``, and its array payload in bytes."""
-        record = state_to_record(select_parts(payload.adapter.to_state_dict(),
-                                              payload.sent_parts))
+        """The message carrying ``payload`` to ``node_id``, and its array payload in bytes.
+
+        Payloads with the same adapter object and parts share one ``ArrayRecord`` through
+        ``shared`` (as Flower's FedAvg shares one record): the server's outgoing messages
+        then cost one copy of the adapter, not one per sampled node.
+        """
+        key = (id(payload.adapter), payload.sent_parts)
+        record = None if shared is None else shared.get(key)
+        if record is None:
+            record = state_to_record(select_parts(payload.adapter.to_state_dict(),
+                                                  payload.sent_parts))
+            if shared is not None:
+                shared[key] = record
         node_config = ConfigRecord(dict(config))
         node_config.update(payload.instructions.to_config())
         content = RecordDict({ARRAYS_KEY: record, CONFIG_KEY: node_config})
