@@ -496,9 +496,12 @@ def usage_text(material: DeploymentMaterial, *, port: int = DEFAULT_SUPERLINK_PO
         f"       --ssl-certfile {material.server_cert} \\",
         f"       --ssl-keyfile {material.server_key} \\",
         "       --enable-supernode-auth \\",
+        "       --disable-runtime-dependency-installation \\",
         f"       --host {bind} --port {port}",
         "",
-        "   (add --database <file>.db to keep registered SuperNodes across restarts)",
+        "   (add --database <file>.db to keep registered SuperNodes across restarts; the",
+        "   last flag stops Flower from installing the app's dependencies per run, which",
+        "   would pull an unpinned torch: install with constraints.txt beforehand)",
         "",
         "2. Add the SuperLink to the flwr CLI: in ~/.flwr/config.toml (or "
         "$FLWR_HOME/config.toml)",

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
-import os
 import shlex
-import shutil
-import socket
 import ssl
 import stat
-import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -34,6 +28,16 @@ from privacy.certs import (
     node_public_key_bytes,
     usage_text,
     write_deployment_material,
+)
+from tests.deployment.processes import (
+    Processes,
+    executable,
+    flower_env,
+    free_port,
+    https_get,
+    json_of,
+    run_flwr,
+    tail,
 )
 
 HOSTS = ["superlink", "fedlora.example.org", "10.1.2.3", "2001:db8::7"]
@@ -306,43 +310,6 @@ def test_cli_certs_writes_the_folder_and_prints_the_usage(
 # --- a real SuperLink ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def executable(name: str) -> str | None:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else shutil.which(name)
-
-
-def https_get(port: int, path: str, context: ssl.SSLContext, server_hostname: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=server_hostname) as tls:
-        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_hostname}\r\n"
-                    "Connection: close\r\n\r\n".encode())
-        chunks = []
-        while chunk := tls.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate, wait, then kill: the process must be gone afterwards."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-
-
-def tail(path: Path, chars: int = 2000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-
 def test_superlink_serves_tls_and_accepts_a_registered_supernode(tmp_path: Path) -> None:
     """The printed commands, run for real on 127.0.0.1: TLS, registration, authentication."""
     superlink_exe, supernode_exe, flwr_exe = (executable(n) for n in (
@@ -356,34 +323,30 @@ def test_superlink_serves_tls_and_accepts_a_registered_supernode(tmp_path: Path)
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(connection_block(text))
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_HOME": str(flwr_home)}
+    env = flower_env(flwr_home)
     superlink_cmd = next(c for c in commands if c[0] == "flower-superlink")
     assert superlink_cmd[superlink_cmd.index("--host") + 1] == "127.0.0.1"
-    # process isolation: no SuperExec child; in-memory state: nothing written
-    superlink_cmd = [superlink_exe, *superlink_cmd[1:], "--isolation", "process",
-                     "--database", ":memory:"]
-    log = tmp_path / "superlink.log"
+    # process isolation: no SuperExec child (no ServerApp runs here)
+    superlink_cmd = [superlink_exe, *superlink_cmd[1:], "--isolation", "process"]
     trusted = ssl.create_default_context(cafile=str(material.ca_cert))
-    with log.open("wb") as log_fh:
-        superlink = subprocess.Popen(superlink_cmd, stdout=log_fh, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, cwd=tmp_path)
-    supernode: subprocess.Popen[bytes] | None = None
+    (tmp_path / "logs").mkdir()
+    procs = Processes(logs=tmp_path / "logs", env=env, cwd=tmp_path)
     try:
+        superlink = procs.start("superlink", superlink_cmd)
         deadline = time.monotonic() + 120
         while True:
-            if superlink.poll() is not None:
-                output = tail(log)
+            if not superlink.alive():
+                output = tail(superlink.log)
                 if any(word in output.lower() for word in ("ssl", "certificate", "pem", "key")):
                     pytest.fail(f"flower-superlink rejected the material:\n{output}")
-                pytest.skip(f"flower-superlink cannot start here (exit {superlink.returncode}):"
-                            f"\n{output}")
+                pytest.skip(f"flower-superlink cannot start here "
+                            f"(exit {superlink.popen.returncode}):\n{output}")
             try:
                 response = https_get(port, "/health", trusted, "localhost")
                 break
             except (ConnectionRefusedError, ConnectionResetError, TimeoutError):
                 if time.monotonic() > deadline:
-                    pytest.fail(f"flower-superlink did not answer in time:\n{tail(log)}")
+                    pytest.fail(f"flower-superlink did not answer in time:\n{tail(superlink.log)}")
                 time.sleep(0.3)
         assert response.startswith(b"HTTP/1.1 200"), response[:200]
         assert https_get(port, "/health", trusted, "127.0.0.1").startswith(b"HTTP/1.1 200")
@@ -394,32 +357,25 @@ def test_superlink_serves_tls_and_accepts_a_registered_supernode(tmp_path: Path)
             https_get(port, "/health", stranger, "localhost")
 
         register = next(c for c in commands if c[:3] == ["flwr", "supernode", "register"])
-        done = subprocess.run([flwr_exe, *register[1:], "--format", "json"], env=env,
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        done = run_flwr(env, tmp_path, *register[1:], "--format", "json")
         assert done.returncode == 0, done.stdout + done.stderr
-        assert json.loads(done.stdout[done.stdout.index("{"):])["success"] is True
+        assert json_of(done.stdout)["success"] is True
 
         node_cmd = next(c for c in commands if c[0] == "flower-supernode")
-        node_cmd = [supernode_exe, *node_cmd[1:], "--isolation", "process",
-                    "--port", str(free_port())]
-        node_log = tmp_path / "supernode.log"
-        with node_log.open("wb") as node_fh:
-            supernode = subprocess.Popen(node_cmd, stdout=node_fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, cwd=tmp_path)
+        supernode = procs.start("supernode", [supernode_exe, *node_cmd[1:], "--isolation",
+                                              "process", "--port", str(free_port())])
         deadline = time.monotonic() + 120
         status = ""
         while status != "online":
-            assert supernode.poll() is None, tail(node_log)
-            assert time.monotonic() < deadline, f"node not online:\n{tail(node_log)}"
+            assert supernode.alive(), tail(supernode.log)
+            assert time.monotonic() < deadline, f"node not online:\n{tail(supernode.log)}"
             time.sleep(1)
-            listed = subprocess.run([flwr_exe, "supernode", "list", certs.DEFAULT_CONNECTION,
-                                     "--format", "json"], env=env, cwd=tmp_path,
-                                    capture_output=True, text=True, timeout=120)
+            listed = run_flwr(env, tmp_path, "supernode", "list", certs.DEFAULT_CONNECTION,
+                              "--format", "json")
             assert listed.returncode == 0, listed.stdout + listed.stderr
-            nodes = json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]
+            nodes = json_of(listed.stdout)["nodes"]
             status = nodes[0]["status"] if nodes else ""
     finally:
-        if supernode is not None:
-            stop(supernode)
-        stop(superlink)
-    assert superlink.poll() is not None and (supernode is None or supernode.poll() is not None)
+        stragglers = procs.stop_all()
+    assert stragglers == [] and procs.leftovers() == []
+    assert all(not p.alive() for p in procs.started)
