@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from privacy.client_level import ClientLevelDP
 from privacy.flower import EncryptedStrategy
 from privacy.keys import ServerIdentity
 from server.plots import plot_metrics
@@ -33,6 +34,16 @@ RESUME_MUST_MATCH = ("strategy", "model", "task", "dataset", "lora-rank", "lora-
                      "target-modules", "seed", "partitioner", "dirichlet-alpha", "dp")
 
 
+def build_client_dp(settings: RunSettings) -> ClientLevelDP | None:
+    """Client-level DP from the ``client-dp-*`` settings (None when ``client-dp-noise`` is 0)."""
+    fed = settings.federation
+    if fed.client_dp_noise == 0:
+        return None
+    return ClientLevelDP(noise_multiplier=fed.client_dp_noise, clip_norm=fed.client_dp_clip,
+                         delta=fed.client_dp_delta, seed=fed.seed,
+                         secure_seed=fed.client_dp_secure_seed)
+
+
 def build_strategy(settings: RunSettings) -> LoraStrategy:
     """The strategy named in the settings, configured from them."""
     fed = settings.federation
@@ -47,6 +58,7 @@ def build_strategy(settings: RunSettings) -> LoraStrategy:
         min_evaluate_nodes=1 if fed.fraction_evaluate > 0 else 0,
         seed=fed.seed,
         min_reply_fraction=fed.min_reply_fraction,
+        client_dp=build_client_dp(settings),
         **settings.strategy_options(),
     )
 

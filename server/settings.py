@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,9 @@ class FederationSettings:
     held-out examples (a fixed, seeded subset; 0 = all; the last round always uses all);
     ``keep_checkpoints``: how many per-round checkpoints to keep; ``resume``: continue
     from the last completed round saved in ``<results-dir>/state`` (a fresh start when
-    there is none).
+    there is none). ``client_dp_*``: client-level DP on the server
+    (:mod:`privacy.client_level`): noise multiplier (0 = off), clip norm, delta, and
+    whether the noise is seeded from the OS instead of the run seed.
     """
 
     strategy: str = "fedit"
@@ -52,6 +55,10 @@ class FederationSettings:
     slora_then: str = "fedit"
     encrypt_payloads: bool = True
     server_key_file: str = ""
+    client_dp_noise: float = 0.0
+    client_dp_clip: float = 1.0
+    client_dp_delta: float = 1e-5
+    client_dp_secure_seed: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,11 +79,21 @@ class FederationSettings:
             (self.keep_checkpoints >= 0,
              f"keep-checkpoints must not be negative, got {self.keep_checkpoints}"),
             (bool(self.results_dir), "results-dir must not be empty"),
+            (math.isfinite(self.client_dp_noise) and self.client_dp_noise >= 0,
+             f"client-dp-noise must be a finite number >= 0 (0 = off), got "
+             f"{self.client_dp_noise}"),
+            (math.isfinite(self.client_dp_clip) and self.client_dp_clip > 0,
+             f"client-dp-clip (the clip norm) must be positive, got {self.client_dp_clip}"),
+            (0 < self.client_dp_delta < 1,
+             f"client-dp-delta must be in (0, 1), got {self.client_dp_delta}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        get_strategy_class(self.strategy)  # an unknown name fails here, listing known ones
+        cls = get_strategy_class(self.strategy)  # an unknown name fails here, listing them
+        if self.client_dp_noise > 0 and cls.client_dp_refusal:
+            raise ValueError(f"{self.strategy} does not support client-level DP "
+                             f"(client-dp-noise above 0): {cls.client_dp_refusal}")
 
 
 @dataclass(frozen=True)

@@ -467,7 +467,7 @@ class LoraStrategy(FedAvg):
         if self.client_dp is not None:
             private = aggregation = self.client_dp.wrap(
                 aggregation, server_round=server_round, sampled=max(stats.sampled, 1),
-                available=max(stats.available, stats.sampled, 1), reference=self._sent)
+                available=max(stats.available, stats.sampled, 1), reference=self.sent_tensors)
             stats.metrics.update(private.metrics)
         try:
             for update in self.collect_updates(server_round, replies):
@@ -495,7 +495,7 @@ class LoraStrategy(FedAvg):
         self._global = new_global
         return adapter_to_record(new_global), self.round_metrics(stats)
 
-    def _sent(self, node_id: int) -> dict[str, np.ndarray]:
+    def sent_tensors(self, node_id: int) -> dict[str, np.ndarray]:
         """The tensors node ``node_id`` was sent this round, for the parts it sends back."""
         payload = self._payloads[node_id]
         return select_parts(payload.adapter.to_state_dict(), payload.instructions.send_parts)

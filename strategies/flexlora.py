@@ -3,9 +3,11 @@
 The server forms ``dW = sum_k p_k s B_k A_k`` per module (data-size weights ``p_k``, the
 common scale ``s = alpha / r_max``) and keeps its top-``r_max`` SVD as the global
 adapter; a client of rank ``r_k`` receives the top-``r_k`` part, which is exactly the
-rank-``r_k`` truncation of ``dW``. The SVD never forms the d x k matrix: the scaled
-factors are stacked, QR-factored, and only the small core is decomposed
-(:func:`strategies.flexlora_math.factored_svd`).
+rank-``r_k`` truncation of ``dW``. The SVD never forms the d x k matrix unless that is
+cheapest: :func:`strategies.flexlora_math.flexlora_svd` picks, from the layer size, the
+total client rank ``R`` and ``r_max``, the factored SVD (QR of the stacked factors, SVD of
+the small core; few clients) or a certified randomized block Krylov SVD of the implicit
+sum (many clients, large ``R``).
 
 Where the singular values go is the ``flexlora-split`` setting: ``B`` puts them all in
 B (``B = U S / s``, ``A = V^T``), as in the authors' code; ``sqrt`` splits them
@@ -19,7 +21,7 @@ from typing import Any
 
 from strategies.adapter import LoraAdapter, LoraFactors
 from strategies.fedit import normalized_weights, weighted_mean
-from strategies.flexlora_math import SPLIT_MODES, factored_svd, split_singular_values
+from strategies.flexlora_math import SPLIT_MODES, flexlora_svd, split_singular_values
 from strategies.hetero import HeteroRankStrategy
 from strategies.registry import register_strategy
 from strategies.validation import ClientUpdate
@@ -27,13 +29,14 @@ from strategies.validation import ClientUpdate
 
 def flexlora_aggregate(
     adapters: Sequence[LoraAdapter], num_examples: Sequence[int], *, rank: int, alpha: float,
-    split: str = "B",
+    split: str = "B", svd_method: str = "auto",
 ) -> LoraAdapter:
     """The global adapter (rank ``rank``, alpha ``alpha``) from clients of mixed ranks.
 
     Each client's module update is ``scale_k B_k A_k`` with its own ``scale_k``; the
     result's ``(alpha / rank) B A`` is the best rank-``rank`` approximation of the
-    weighted sum of those updates. Extras are averaged by data size.
+    weighted sum of those updates. Extras are averaged by data size. ``svd_method``
+    overrides the automatic SVD path (see :func:`strategies.flexlora_math.flexlora_svd`).
     """
     if split not in SPLIT_MODES:
         raise ValueError(f"flexlora-split must be one of {SPLIT_MODES}, got '{split}'")
@@ -44,7 +47,7 @@ def flexlora_aggregate(
         Bs = [a.modules[name].B for a in adapters]
         As = [a.modules[name].A for a in adapters]
         coeffs = [float(w) * a.scale(name) for w, a in zip(p, adapters, strict=True)]
-        U, S, Vt = factored_svd(Bs, As, coeffs, rank)
+        U, S, Vt = flexlora_svd(Bs, As, coeffs, rank, method=svd_method)
         factors = split_singular_values(U, S / scale, Vt, rank, split)
         dtype = adapters[0].modules[name].A.dtype
         modules[name] = LoraFactors(A=factors.A.astype(dtype), B=factors.B.astype(dtype))
@@ -57,6 +60,11 @@ class FlexLoRA(HeteroRankStrategy):
     """Heterogeneous ranks; the server aggregates products and redistributes by SVD."""
 
     exact_rank = False  # a node with a smaller rank budget may train below its rank
+    client_dp_refusal = (
+        "its global adapter is an SVD of the sum of the clients' products B_k A_k, which is "
+        "not linear in the factors, so clipping a client's factors does not bound its effect "
+        "on the aggregate and noise on the factors is not the Gaussian mechanism; use hetlora "
+        "(heterogeneous ranks) or fedit with client-level DP")
 
     def __init__(self, *, split: str = "B", **kwargs: Any) -> None:
         if split not in SPLIT_MODES:

@@ -16,7 +16,10 @@ paper does not pin the last two; they are settings (``hetlora-*``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from logging import WARNING
 from typing import Any
+
+from flwr.supercore import log
 
 from strategies.adapter import LoraAdapter
 from strategies.fedit import normalized_weights
@@ -48,6 +51,15 @@ class HetLoRA(HeteroRankStrategy):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"hetlora-weighting must be one of {WEIGHTINGS}, got '{weighting}'")
         super().__init__(**kwargs)
+        if self.client_dp is not None and weighting == "sparsity":
+            log(WARNING, "hetlora: client-level DP averages with uniform weights (sparsity "
+                "weights follow each client's update norm, which would leak it and break the "
+                "noise calibration); hetlora-weighting=sparsity is ignored")
+            weighting = "data-size"  # client-level DP sets every num-examples to 1
+        if self.client_dp is not None and prune_threshold > 0:
+            log(WARNING, "hetlora: with client-level DP, rank self-pruning lets a client's data "
+                "choose its rank, which the aggregate shows and the epsilon does not cover; "
+                "set hetlora-threshold=0 to keep ranks public")
         self.prune_lambda = prune_lambda
         self.prune_gamma = prune_gamma
         self.prune_threshold = prune_threshold
