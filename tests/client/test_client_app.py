@@ -137,3 +137,31 @@ def test_dp_client_reports_cumulative_epsilon_and_refuses_past_its_budget(tiny_b
     context.run_config["dp-epsilon-budget"] = eps2  # any further round exceeds it
     refused = train(_train_message(config, server_round=3)[0], context)
     assert refused.has_error() and "refused to train" in refused.error.reason
+
+
+def test_dp_ledger_file_keeps_epsilon_across_runs_of_the_node(tiny_bert_dir, toy_csv,
+                                                               tmp_path):
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-3, "num-rounds": 3})
+    ledger_file = tmp_path / "node" / "ledger.json"
+
+    def context():
+        ctx = _context(config)
+        ctx.node_config["dp-ledger-file"] = str(ledger_file)
+        return ctx
+
+    first_run = context()
+    eps1 = train(_train_message(config, server_round=1)[0], first_run
+                 ).content["metrics"]["dp-epsilon"]
+    assert ledger_file.stat().st_mode & 0o777 == 0o600
+    # the server restarts: a new Flower run, a new (empty) context.state on the node
+    eps2 = train(_train_message(config, server_round=2)[0], context()
+                 ).content["metrics"]["dp-epsilon"]
+    uninterrupted = _context(config)  # no file: both rounds in one run's state
+    for server_round in (1, 2):
+        reference = train(_train_message(config, server_round=server_round)[0], uninterrupted)
+    assert eps2 > eps1
+    assert eps2 == pytest.approx(reference.content["metrics"]["dp-epsilon"], rel=1e-12)
+    ledger_file.write_text("{torn")
+    with pytest.raises(ValueError, match="cannot be read"):
+        train(_train_message(config, server_round=3)[0], context())
