@@ -136,6 +136,17 @@ def train_local(
     )
 
 
+def _eval_batches(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Encoded,
+    batch_size: int, device: torch.device,
+) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """The model in eval mode, then the data in order, as (indices, padded batch)."""
+    model.eval()
+    for start in range(0, len(data), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data))))
+        yield indices, make_batch(data, indices, tokenizer, device)
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -148,12 +159,9 @@ def evaluate(
     """Mean loss, and accuracy (classification) or perplexity (causal LM)."""
     import torch
 
-    model.eval()
     total_loss, total_weight, correct = 0.0, 0, 0
     with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            indices = list(range(start, min(start + batch_size, len(data))))
-            batch = make_batch(data, indices, tokenizer, device)
+        for indices, batch in _eval_batches(model, tokenizer, data, batch_size, device):
             with _autocast(device, autocast):
                 out = model(**batch)
             if data.labels is not None:
@@ -190,12 +198,9 @@ def per_example_losses(
 
     if data.labels is None:
         raise ValueError("per-example losses need labelled (classification) data")
-    model.eval()
     losses: list[np.ndarray] = []
     with torch.inference_mode():
-        for start in range(0, len(data), batch_size):
-            indices = list(range(start, min(start + batch_size, len(data))))
-            batch = make_batch(data, indices, tokenizer, device)
+        for _, batch in _eval_batches(model, tokenizer, data, batch_size, device):
             labels = batch.pop("labels")
             with _autocast(device, autocast):
                 logits = model(**batch).logits
