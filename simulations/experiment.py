@@ -44,11 +44,14 @@ class Variant:
     Attributes:
         name: short, folder-safe name (letters, digits and ``_ . + = , -``).
         run_config: run-config entries laid over the experiment's ``base_config``.
+        max_seeds: run only the sweep's first this-many seeds (e.g. a control that is
+            shown once); None = every seed.
 
     """
 
     name: str
     run_config: dict[str, object]
+    max_seeds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -548,7 +551,8 @@ def run_experiment(
         simulate_fn = spec.hook("simulate") or simulate
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    plan = [(v, s) for v in spec.variants for s in seeds]
+    plan = [(v, s) for v in spec.variants for i, s in enumerate(seeds)
+            if v.max_seeds is None or i < v.max_seeds]
     runs: list[RunResult] = []
     started = time.monotonic()
     executed = 0.0

@@ -139,7 +139,8 @@ def test_results_json_holds_spec_seeds_runs_and_summaries(tmp_path):
     data = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert data["experiment"]["name"] == "toy" and data["seeds"] == [0, 1]
     assert data["experiment"]["variants"][1] == {
-        "name": "ffa-lora", "run_config": {"strategy": "ffa-lora", "lora-rank": 4}}
+        "name": "ffa-lora", "run_config": {"strategy": "ffa-lora", "lora-rank": 4},
+        "max_seeds": None}
     assert [(r["variant"], r["seed"], r["error"]) for r in data["runs"]] == [
         ("fedit", 0, None), ("fedit", 1, None), ("ffa-lora", 0, None), ("ffa-lora", 1, None)]
     assert data["runs"][1]["records"] == fake_records({"strategy": "fedit", "seed": 1,
@@ -351,3 +352,15 @@ def test_cli_experiment_options_and_errors(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "smoke", "--run-config", "lora-rank=0"])
     assert "lora-rank must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_variant_can_run_on_the_first_seeds_only(tmp_path):
+    spec = make_spec(variants=[Variant("fedit", {"strategy": "fedit"}),
+                               Variant("ffa-lora", {"strategy": "ffa-lora"}, max_seeds=1)])
+    fake = FakeSimulate()
+    result = sweep(tmp_path, fake, spec=spec)
+    assert sorted((r.variant, r.seed) for r in result.runs) == [
+        ("fedit", 0), ("fedit", 1), ("ffa-lora", 0)]
+    assert result.summary("ffa-lora").runs == 1
+    again = ExperimentResult.load(tmp_path / "exp")
+    assert [v.max_seeds for v in again.spec.variants] == [None, 1]

@@ -68,7 +68,7 @@ def privacy() -> ExperimentSpec:
     """The privacy-utility sweep with audits (see the module docstring)."""
     variants = [Variant(f"{s}-eps{epsilon_label(e)}", variant_settings(s, e))
                 for s in STRATEGIES for e in EPSILONS]
-    variants.append(Variant("overfit-control", dict(OVERFIT_CONTROL)))
+    variants.append(Variant("overfit-control", dict(OVERFIT_CONTROL), max_seeds=1))
     return ExperimentSpec(
         name="privacy",
         description=(
