@@ -82,8 +82,14 @@ def read_compose(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def compose_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The process environment without any FEDLORA_/COMPOSE_ setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDLORA_", "COMPOSE_"))}
+    """The process environment without any FEDLORA_/COMPOSE_ setting, plus ``extra``.
+
+    Python's own variables are dropped too: docker-compose is Debian's Python program, and
+    a PYTHONPATH or PYTHONHOME left by an earlier test (Ray sets them for its workers)
+    would make it import this virtual environment's packages and fail.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FEDLORA_", "COMPOSE_", "PYTHON")) and k != "VIRTUAL_ENV"}
     return {**env, **(extra or {})}
 
 

@@ -27,7 +27,7 @@ def fake_simulate(config: dict[str, Any], **_: Any) -> list[dict[str, Any]]:
     records = [{"round": 0, "eval_accuracy": 0.2},
                {"round": int(config["num-rounds"]), "eval_accuracy": accuracy}]
     (out / "metrics.json").write_text(json.dumps(records))
-    target = float(config.get("dp-target-epsilon", 0)) if config.get("dp") else math.inf
+    target = float(config.get("dp-target-epsilon", math.inf)) if config.get("dp") else math.inf
     epsilons = {} if math.isinf(target) else {"1": target * 0.9, "2": target}
     leaky = variant == "overfit-control"
     (out / "audit.json").write_text(json.dumps({
@@ -48,7 +48,8 @@ def test_the_sweep_covers_every_epsilon_and_strategy_with_three_seeds() -> None:
     assert spec.base_config["audit-canaries"] > 0 and spec.base_config["dp-delta"] == 1e-5
     eps8 = spec.variant_config(spec.variants[1])
     assert eps8["dp"] is True and eps8["dp-target-epsilon"] == 8.0
-    assert spec.variant_config(spec.variants[0])["dp"] is False
+    assert spec.variant_config(spec.variants[0])["dp-noise-multiplier"] == 0.0
+    assert "dp-target-epsilon" not in spec.variant_config(spec.variants[0])
     assert spec.hook("simulate") is privacy_module.simulate
     assert spec.variant_config(spec.variants[-1])["dp"] is False
 
