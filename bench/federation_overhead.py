@@ -15,7 +15,8 @@ the same job, side by side in one invocation, through
 
 same model, data, partitions, clients, rounds, local steps, batch, lr, LoRA, seeds, and
 the same Ray backend settings (one CPU per client). Each variant runs in its own
-subprocess (fresh Ray, its own peak memory). Per variant:
+subprocess (fresh Ray, its own peak memory); fedlora's starts with an empty tokenization
+cache (``FEDLORA_CACHE_DIR``, as on a first run), the baseline's has it off. Per variant:
 
 - wall: from just before the simulation starts Ray to after Ray is shut down;
 - training compute: the critical-path local training the run contains. Each train call's
@@ -252,9 +253,13 @@ def run_variant(variant: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]
     spec_path, out_path = workdir / "spec.json", workdir / "result.json"
     spec_path.write_text(json.dumps(spec))
     print(f"--- running {variant} (its log follows on stderr) ---", file=sys.stderr, flush=True)
+    # fedlora starts with an empty tokenization cache, as a first run does; the baseline
+    # tokenizes in every train call, as Flower's examples do
+    cache = str(workdir / "encode-cache") if variant == "fedlora" else "off"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant,
                            "--spec", str(spec_path), "--out", str(out_path)],
-                          stdout=sys.stderr, check=False)
+                          stdout=sys.stderr, check=False,
+                          env={**os.environ, "FEDLORA_CACHE_DIR": cache})
     if proc.returncode != 0 or not out_path.exists():
         raise SystemExit(f"the {variant} run failed (exit {proc.returncode}); see its log above")
     return json.loads(out_path.read_text())

@@ -173,7 +173,7 @@ def evaluate(
     shard of the server's held-out split.
     """
     from task.runtime import cached_runtime
-    from task.training import encode
+    from task.training import auto_eval_batch_size, encode
     from task.training import evaluate as evaluate_model
 
     settings = _settings(context, overrides)
@@ -190,7 +190,8 @@ def evaluate(
     if len(data) == 0:  # no local held-out share: this node's shard of the server's split
         shard = runtime.data.test.shard(num_shards=num_partitions, index=partition_id)
         data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
-    scores = evaluate_model(runtime.model, runtime.tokenizer, data, batch_size=64,
+    scores = evaluate_model(runtime.model, runtime.tokenizer, data,
+                            batch_size=auto_eval_batch_size(runtime.device),
                             device=runtime.device, autocast=runtime.autocast)
     metrics = MetricRecord({"num-examples": len(data),
                             **{f"eval-{k}": v for k, v in scores.items()}})

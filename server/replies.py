@@ -12,15 +12,20 @@ PULL_INTERVAL = 0.1  # seconds between polls of the grid
 
 
 def stream_replies(grid: Grid, messages: Iterable[Message], *, timeout: float) -> Iterator[Message]:
-    """Push ``messages``, then yield each reply the moment the grid has it.
+    """Push ``messages`` now; return an iterator that yields each reply the moment it arrives.
 
-    Unlike ``Grid.send_and_receive``, replies are not collected into a list first: a
-    consumer that folds each reply into a running aggregate and drops it holds one
-    reply at a time. Stops when every message has its reply or ``timeout`` seconds
+    The push happens in this call, not on the first ``next``, so the server can do other
+    work (evaluate the previous global adapter) while the nodes train. Unlike
+    ``Grid.send_and_receive``, replies are not collected into a list first: a consumer
+    that folds each reply into a running aggregate and drops it holds one reply at a
+    time. The iterator stops when every message has its reply or ``timeout`` seconds
     after the push; the nodes that did not answer by then are simply missing.
     """
     pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
+    return _pull_replies(grid, pending, deadline=time.monotonic() + timeout)
+
+
+def _pull_replies(grid: Grid, pending: set[str], *, deadline: float) -> Iterator[Message]:
     while pending:
         arrived = False
         for reply in grid.pull_messages(list(pending)):

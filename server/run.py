@@ -128,7 +128,7 @@ class FederatedRun:
         if self._should_evaluate(server_round):
             scores = evaluate(self.runtime.model, self.runtime.tokenizer,
                               self._eval_data(server_round),
-                              batch_size=self.settings.federation.eval_batch_size,
+                              batch_size=self.settings.federation.eval_batch(self.runtime.device),
                               device=self.runtime.device, autocast=self.runtime.autocast)
         if server_round > 0 and self.settings.federation.keep_checkpoints > 0:
             self.writer.save_checkpoint(self.runtime.model, server_round)
@@ -201,9 +201,11 @@ class FederatedRun:
     def execute(self, grid: Grid) -> RunSummary:
         """Run every round (from the saved state with ``resume``); save the final adapter.
 
-        The loop is Flower's ``Strategy.start`` with two changes: replies are folded into
-        the aggregate as they arrive (:func:`server.replies.stream_replies`), and the
-        server's state is saved after every round so a restarted server can resume.
+        The loop is Flower's ``Strategy.start`` with three changes: replies are folded into
+        the aggregate as they arrive (:func:`server.replies.stream_replies`); the initial
+        adapter (round 0) is evaluated after round 1's messages are sent, while the nodes
+        build their models, not before; and the server's state is saved after every round
+        so a restarted server can resume.
         """
         started = time.monotonic()
         fed = self.settings.federation
@@ -212,13 +214,13 @@ class FederatedRun:
         resumed = self.resume() if fed.resume else None
         if resumed is not None:
             arrays, first_round = state_to_record(resumed.arrays), resumed.round + 1
-        else:
-            self.evaluate(0, initial)
         self.runner.summary()
         for server_round in range(first_round, fed.num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", server_round, fed.num_rounds)
             messages = self.runner.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = stream_replies(grid, messages, timeout=fed.round_timeout)
+            if server_round == 1:  # the initial adapter, scored while the nodes set up
+                self.evaluate(0, initial)
             new_arrays, _ = self.runner.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays

@@ -6,10 +6,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from strategies import get_strategy_class
 from task.settings import TaskSettings, from_run_config, run_config_key, settings_keys
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,8 @@ class FederationSettings:
     held-out examples (a fixed, seeded subset; 0 = all; the last round always uses all);
     ``keep_checkpoints``: how many per-round checkpoints to keep; ``resume``: continue
     from the last completed round saved in ``<results-dir>/state`` (a fresh start when
-    there is none). ``client_dp_*``: client-level DP on the server
+    there is none); ``eval_batch_size``: 0 = :func:`task.training.auto_eval_batch_size`.
+    ``client_dp_*``: client-level DP on the server
     (:mod:`privacy.client_level`): noise multiplier (0 = off), clip norm, delta, and
     whether the noise is seeded from the OS instead of the run seed.
     """
@@ -39,7 +43,7 @@ class FederationSettings:
     results_dir: str = "results/latest"
     eval_every: int = 1
     eval_subset: int = 0
-    eval_batch_size: int = 64
+    eval_batch_size: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
     rank_distribution: str = "fixed"
@@ -74,8 +78,8 @@ class FederationSettings:
              f"max-num-examples must be at least 1, got {self.max_num_examples}"),
             (self.eval_every >= 1, f"eval-every must be at least 1, got {self.eval_every}"),
             (self.eval_subset >= 0, f"eval-subset must not be negative, got {self.eval_subset}"),
-            (self.eval_batch_size >= 1,
-             f"eval-batch-size must be at least 1, got {self.eval_batch_size}"),
+            (self.eval_batch_size >= 0,
+             f"eval-batch-size must not be negative, got {self.eval_batch_size} (0 = auto)"),
             (self.keep_checkpoints >= 0,
              f"keep-checkpoints must not be negative, got {self.keep_checkpoints}"),
             (bool(self.results_dir), "results-dir must not be empty"),
@@ -94,6 +98,12 @@ class FederationSettings:
         if self.client_dp_noise > 0 and cls.client_dp_refusal:
             raise ValueError(f"{self.strategy} does not support client-level DP "
                              f"(client-dp-noise above 0): {cls.client_dp_refusal}")
+
+    def eval_batch(self, device: torch.device) -> int:
+        """The evaluation batch size on ``device`` (``eval-batch-size``, or auto when 0)."""
+        from task.training import auto_eval_batch_size
+
+        return self.eval_batch_size or auto_eval_batch_size(device)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def train_centralised(run_config: Mapping[str, Any], *, steps: int) -> dict[str,
                              device=runtime.device, autocast=runtime.autocast,
                              seed=settings.task.train.seed)
     scores = evaluate(runtime.model, runtime.tokenizer, runtime.encoded_test(),
-                      batch_size=settings.federation.eval_batch_size,
+                      batch_size=settings.federation.eval_batch(runtime.device),
                       device=runtime.device, autocast=runtime.autocast)
     return {"steps": steps, "train_examples": len(data), "train_seconds": result.seconds,
             **{f"eval_{k}": v for k, v in scores.items()}}

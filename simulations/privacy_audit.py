@@ -53,7 +53,7 @@ def audit_run(run_dir: str | Path, run_config: Mapping[str, Any]) -> dict[str, A
 
     def losses(dataset: Any) -> np.ndarray:
         return per_example_losses(runtime.model, runtime.tokenizer, runtime.encode(dataset),
-                                  batch_size=settings.federation.eval_batch_size,
+                                  batch_size=settings.federation.eval_batch(runtime.device),
                                   device=runtime.device, autocast=runtime.autocast)
 
     report: dict[str, Any] = {"round": state.round, "delta": settings.task.privacy.dp_delta}

@@ -120,6 +120,9 @@ def load_task_data(settings: DataSettings, task: str) -> TaskData:
 
 def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: int) -> object:
     """The flwr-datasets partitioner named by the settings."""
+    from task.deferred_imports import defer_flwr_datasets_plotting
+
+    defer_flwr_datasets_plotting()  # partitioning needs none of matplotlib/seaborn
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
@@ -148,9 +151,13 @@ def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: 
 
 
 def load_partition(
-    train: Dataset, settings: DataSettings, *, partition_id: int, num_partitions: int
+    train: Dataset, settings: DataSettings, *, partition_id: int, num_partitions: int,
+    partitioner: object | None = None,
 ) -> Dataset:
     """Client ``partition_id``'s share of the train pool.
+
+    ``partitioner``: one made by :func:`make_partitioner` for this pool and count, to
+    reuse (it computes every partition's indices on first use); a new one otherwise.
 
     Raises:
         ValueError: the id is out of range, the natural partition count does not match,
@@ -159,8 +166,9 @@ def load_partition(
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
-    partitioner = make_partitioner(settings, num_partitions, len(train))
-    partitioner.dataset = train  # type: ignore[attr-defined]
+    if partitioner is None:
+        partitioner = make_partitioner(settings, num_partitions, len(train))
+        partitioner.dataset = train  # type: ignore[attr-defined]
     if settings.partitioner == "natural":
         available = partitioner.num_partitions  # type: ignore[attr-defined]
         if available != num_partitions:

@@ -18,7 +18,7 @@ import torch
 
 from strategies.adapter import LoraAdapter
 from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainable_parts
-from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data
+from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data, make_partitioner
 from task.model import attach_lora, autocast_dtype, load_base_model, load_tokenizer, select_device
 from task.settings import TaskSettings
 from task.sparse import SparseBase, split_sparse
@@ -152,7 +152,8 @@ class TaskRuntime:
         key = ("partition", partition_id, num_partitions)
         if key not in self._encoded:
             part = load_partition(self.data.train, self.settings.data,
-                                  partition_id=partition_id, num_partitions=num_partitions)
+                                  partition_id=partition_id, num_partitions=num_partitions,
+                                  partitioner=self._partitioner(num_partitions))
             if self.settings.data.audit_canaries > 0:
                 from task.canaries import insert_canaries
 
@@ -166,6 +167,16 @@ class TaskRuntime:
             else:
                 self._encoded[key] = (self.encode(part), Encoded([], [] if
                                       self.settings.model.task == "classification" else None))
+        return self._encoded[key]
+
+    def _partitioner(self, num_partitions: int) -> object:
+        """The train pool's partitioner into ``num_partitions`` (cached: it indexes them all)."""
+        key = ("partitioner", num_partitions)
+        if key not in self._encoded:
+            partitioner = make_partitioner(self.settings.data, num_partitions,
+                                           len(self.data.train))
+            partitioner.dataset = self.data.train  # type: ignore[attr-defined]
+            self._encoded[key] = partitioner
         return self._encoded[key]
 
     def audit_canaries(self) -> tuple[Canaries, np.ndarray]:

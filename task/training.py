@@ -32,9 +32,23 @@ class Encoded:
 
 
 def encode(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: str) -> Encoded:
-    """Tokenize once (truncated to ``max_length``), pad later per batch."""
-    ids = tokenizer(list(ds[TEXT_COLUMN]), truncation=True, max_length=max_length)["input_ids"]
+    """Tokenize once (truncated to ``max_length``), pad later per batch.
+
+    The token ids come from the machine's disk cache when another process already
+    tokenized the same texts the same way (:mod:`task.encode_cache`).
+    """
+    from task import encode_cache
+
+    texts = list(ds[TEXT_COLUMN])
     labels = list(ds[LABEL_COLUMN]) if task == "classification" else None
+    fingerprint = encode_cache.tokenizer_fingerprint(tokenizer)
+    key = (None if fingerprint is None else
+           encode_cache.content_key(texts, tokenizer=fingerprint, max_length=max_length))
+    ids = None if key is None else encode_cache.load(key)
+    if ids is None or len(ids) != len(texts):
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        if key is not None:
+            encode_cache.save(key, ids)
     return Encoded(input_ids=ids, labels=labels)
 
 
@@ -134,6 +148,16 @@ def train_local(
         loss_mean=sum(losses) / len(losses), loss_last=losses[-1],
         seconds=time.perf_counter() - start,
     )
+
+
+def auto_eval_batch_size(device: torch.device) -> int:
+    """The default evaluation batch size: 16 on CPU, 64 on an accelerator.
+
+    On CPU, inference is compute bound and larger batches only spill the activations out
+    of cache: MiniLM on 128-token examples, 2 cores, ran 20% faster at 16 than at 64
+    (and no faster at 8).
+    """
+    return 16 if device.type == "cpu" else 64
 
 
 def _eval_batches(

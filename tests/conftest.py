@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,19 @@ def make_texts(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
         rng.shuffle(words)
         rows.append((" ".join(words), label, f"site{i % 4}"))
     return rows
+
+
+@pytest.fixture(scope="session", autouse=True)
+def encode_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests share a fresh tokenization cache, never the user's (task.encode_cache)."""
+    folder = tmp_path_factory.mktemp("encode-cache")
+    previous = os.environ.get("FEDLORA_CACHE_DIR")
+    os.environ["FEDLORA_CACHE_DIR"] = str(folder)  # inherited by Ray workers and subprocesses
+    yield folder
+    if previous is None:
+        os.environ.pop("FEDLORA_CACHE_DIR", None)
+    else:
+        os.environ["FEDLORA_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -23,3 +23,17 @@ def test_intermediate_rounds_use_a_fixed_subset_and_the_last_round_everything():
 
 def test_no_subset_by_default():
     assert len(_run()._eval_data(1)) == 100
+
+
+def test_eval_batch_size_auto_is_16_on_cpu_and_64_on_gpus_unless_set():
+    import pytest
+    import torch
+
+    from server.settings import FederationSettings
+
+    auto = FederationSettings()
+    assert auto.eval_batch(torch.device("cpu")) == 16
+    assert auto.eval_batch(torch.device("cuda", 0)) == 64
+    assert FederationSettings(eval_batch_size=5).eval_batch(torch.device("cuda")) == 5
+    with pytest.raises(ValueError, match="eval-batch-size must not be negative"):
+        FederationSettings(eval_batch_size=-1)

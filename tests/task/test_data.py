@@ -82,6 +82,20 @@ def test_iid_partitions_cover_the_train_pool(toy_csv):
     assert sorted(t for p in parts for t in p["text"]) == sorted(data.train["text"])
 
 
+def test_a_shared_partitioner_gives_the_partitions_of_fresh_ones(toy_csv):
+    from task.data import make_partitioner
+
+    s = _settings(toy_csv, partitioner="dirichlet", dirichlet_alpha=0.5)
+    data = load_task_data(s, "classification")
+    shared = make_partitioner(s, 3, len(data.train))
+    shared.dataset = data.train
+    for i in (2, 0, 1):
+        reused = load_partition(data.train, s, partition_id=i, num_partitions=3,
+                                partitioner=shared)
+        fresh = load_partition(data.train, s, partition_id=i, num_partitions=3)
+        assert reused["text"] == fresh["text"] and reused["label"] == fresh["label"]
+
+
 def test_dirichlet_small_alpha_skews_labels(toy_csv):
     s = _settings(toy_csv, partitioner="dirichlet", dirichlet_alpha=0.1)
     data = load_task_data(s, "classification")
