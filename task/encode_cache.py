@@ -32,6 +32,7 @@ import numpy as np
 CACHE_ENV = "FEDLORA_CACHE_DIR"
 OFF_VALUES = ("", "0", "off", "none", "false")
 FORMAT_VERSION = 1
+_FINGERPRINTS: dict[str, str] = {}  # hash of a serialized tokenizer -> its fingerprint
 
 
 def cache_dir() -> Path | None:
@@ -39,8 +40,10 @@ def cache_dir() -> Path | None:
     value = os.environ.get(CACHE_ENV)
     if value is not None:
         return None if value.strip().lower() in OFF_VALUES else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fedlora" / "encoded"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser())
+    if not base.is_absolute():  # no usable home directory (some containers): no cache
+        return None
+    return base / "fedlora" / "encoded"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str | None:
@@ -53,12 +56,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    definition = json.loads(backend.to_str())
-    for state in ("truncation", "padding"):  # set per call by transformers, not the definition
-        definition.pop(state, None)
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
-    digest.update(json.dumps(definition, sort_keys=True).encode())
-    return digest.hexdigest()
+    serialized = backend.to_str()
+    raw = hashlib.sha256(f"{type(tokenizer).__name__}|{serialized}".encode()).hexdigest()
+    if raw not in _FINGERPRINTS:  # parsing a large vocabulary's JSON is the slow part
+        definition = json.loads(serialized)
+        for state in ("truncation", "padding"):  # set per call by transformers
+            definition.pop(state, None)
+        digest = hashlib.sha256(type(tokenizer).__name__.encode())
+        digest.update(json.dumps(definition, sort_keys=True).encode())
+        _FINGERPRINTS[raw] = digest.hexdigest()
+    return _FINGERPRINTS[raw]
 
 
 def content_key(texts: Sequence[str], *, tokenizer: str, max_length: int) -> str:
