@@ -341,9 +341,10 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(outcome: Outcome
     log = outcome.run_log
     assert "round 2: 2 accepted" in log, log[-3000:]
     # the log says what happened to the dead node: the SuperLink answered for it with a
-    # "node unavailable" error (Flower 1.42 sends that error from the SuperLink's own id,
-    # so the line does not name the dead node), or the round timed out without its reply
-    assert re.search(r"round 2: node \d+ failed: .*Node Unavailable", log) or \
+    # "node unavailable" error (sent from the SuperLink's own id; the server names the
+    # node it had sent the message to), or the round timed out without its reply
+    victim_id = outcome.node_ids[VICTIM]
+    assert re.search(rf"round 2: node {victim_id} failed: .*Node Unavailable", log) or \
         "round 2: no reply from 1 sampled node" in log, log[-3000:]
     # the victim's ClientApp never got to train in round 2; the others did
     trained = {(c.round, c.partition) for c in outcome.clients}

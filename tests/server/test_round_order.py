@@ -30,7 +30,9 @@ class FakeGrid:
 
     def pull_messages(self, ids: list[str]) -> list[Any]:
         self.events.append(("pull", len(ids)))
-        replies = [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+        replies = [SimpleNamespace(has_error=lambda: False,
+                                   metadata=SimpleNamespace(reply_to_message_id=i))
+                   for i in ids]
         self.unanswered = [i for i in self.unanswered if i not in ids]
         return replies
 
@@ -42,8 +44,8 @@ class FakeRunner:
     def summary(self) -> None:
         pass
 
-    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> list[str]:
-        return ["to-node-1", "to-node-2"]
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> list[Any]:
+        return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (1, 2)]
 
     def aggregate_train(self, server_round: int, replies: Any) -> tuple[None, None]:
         self.events.append(("aggregate", server_round, len(list(replies))))
