@@ -14,7 +14,9 @@ is ignored and rewritten.
 
 Where: ``$FEDLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedlora/encoded``, else
 ``~/.cache/fedlora/encoded``. ``FEDLORA_CACHE_DIR=off`` turns the cache off. Entries are
-private to their user (mode 0600) and may be deleted at any time.
+private to their user (mode 0600) and may be deleted at any time. The folder is kept
+under ``$FEDLORA_CACHE_MAX_MB`` megabytes (default 2048): after a write, the entries
+used least recently are removed until it fits.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 import numpy as np
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
+MAX_MB_ENV = "FEDLORA_CACHE_MAX_MB"
+DEFAULT_MAX_MB = 2048.0
 OFF_VALUES = ("", "0", "off", "none", "false")
 FORMAT_VERSION = 1
 _FINGERPRINTS: dict[str, str] = {}  # hash of a serialized tokenizer -> its fingerprint
@@ -84,13 +88,18 @@ def load(key: str) -> list[list[int]] | None:
     folder = cache_dir()
     if folder is None:
         return None
+    path = folder / f"{key}.npz"
     try:
-        with np.load(folder / f"{key}.npz", allow_pickle=False) as entry:
+        with np.load(path, allow_pickle=False) as entry:
             ids, offsets = entry["ids"], entry["offsets"]
     except Exception:  # noqa: BLE001 - missing or damaged: recomputed, never trusted
         return None
     if not _consistent(ids, offsets):
         return None
+    try:
+        os.utime(path)  # recently used: the last to be pruned
+    except OSError:
+        pass
     bounds, flat = offsets.tolist(), ids.tolist()
     return [flat[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 
@@ -124,5 +133,36 @@ def save(key: str, input_ids: Sequence[Sequence[int]]) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        prune(folder, keep=folder / f"{key}.npz")
     except OSError:
         return
+
+
+def max_bytes() -> float:
+    """The size the cache folder is kept under (``FEDLORA_CACHE_MAX_MB``, in megabytes)."""
+    value = os.environ.get(MAX_MB_ENV, "")
+    try:
+        megabytes = float(value) if value.strip() else DEFAULT_MAX_MB
+    except ValueError:
+        raise ValueError(f"{MAX_MB_ENV}={value!r} is not a number of megabytes "
+                         f"(default {DEFAULT_MAX_MB:g})") from None
+    return max(megabytes, 0.0) * 1e6
+
+
+def prune(folder: Path, *, keep: Path | None = None) -> None:
+    """Remove the least recently used entries until the folder fits :func:`max_bytes`."""
+    entries = []
+    for path in folder.glob("*.npz"):
+        try:
+            stat = path.stat()
+        except OSError:  # removed meanwhile by another process
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total, limit = sum(size for _, size, _ in entries), max_bytes()
+    for _, size, path in sorted(entries, key=lambda e: (e[0], str(e[2]))):
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size

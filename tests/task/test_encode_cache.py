@@ -119,3 +119,24 @@ def test_default_location_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", "relative/home")
     assert encode_cache.cache_dir() is None
+
+
+def test_the_least_recently_used_entries_go_when_the_cache_is_full(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    rows = [[7] * 1000] * 10  # ~40 kB of ids per entry
+    for i, key in enumerate(("a", "b", "c")):
+        encode_cache.save(key, rows)
+        os.utime(cache / f"{key}.npz", (1000 + i, 1000 + i))  # a oldest, c newest
+    assert encode_cache.load("a") == rows  # a use makes "a" the most recent
+    monkeypatch.setenv("FEDLORA_CACHE_MAX_MB", "0.1")  # room for two entries
+    encode_cache.save("d", rows)
+    assert {p.stem for p in cache.glob("*.npz")} == {"a", "d"}
+    monkeypatch.setenv("FEDLORA_CACHE_MAX_MB", "0")  # even then the entry just written stays
+    encode_cache.save("e", rows)
+    assert {p.stem for p in cache.glob("*.npz")} == {"e"}
+    monkeypatch.setenv("FEDLORA_CACHE_MAX_MB", "lots")
+    with pytest.raises(ValueError, match="FEDLORA_CACHE_MAX_MB='lots' is not a number"):
+        encode_cache.max_bytes()
