@@ -55,18 +55,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
 
     Fast (Rust) tokenizers serialize their whole pipeline (normalizer, pre-tokenizer,
     model with its vocabulary, post-processor with the special tokens); slow ones do not,
-    and are not cached.
+    and are not cached. The truncation and padding state in that serialization is set by
+    transformers on every call, so it is left out, and the side truncation cuts from is
+    taken from the tokenizer instead.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
     serialized = backend.to_str()
-    raw = hashlib.sha256(f"{type(tokenizer).__name__}|{serialized}".encode()).hexdigest()
+    wrapper = f"{type(tokenizer).__name__}|{getattr(tokenizer, 'truncation_side', None)}"
+    raw = hashlib.sha256(f"{wrapper}|{serialized}".encode()).hexdigest()
     if raw not in _FINGERPRINTS:  # parsing a large vocabulary's JSON is the slow part
         definition = json.loads(serialized)
-        for state in ("truncation", "padding"):  # set per call by transformers
+        for state in ("truncation", "padding"):
             definition.pop(state, None)
-        digest = hashlib.sha256(type(tokenizer).__name__.encode())
+        digest = hashlib.sha256(wrapper.encode())
         digest.update(json.dumps(definition, sort_keys=True).encode())
         _FINGERPRINTS[raw] = digest.hexdigest()
     return _FINGERPRINTS[raw]

@@ -75,6 +75,11 @@ def test_other_texts_lengths_or_tokenizers_are_other_entries(
     assert key != encode_cache.content_key(texts, tokenizer=fingerprint[::-1], max_length=8)
     tiny_tokenizer(texts, truncation=True, max_length=3)  # per-call state is not identity
     assert encode_cache.tokenizer_fingerprint(tiny_tokenizer) == fingerprint
+    tiny_tokenizer.truncation_side = "left"  # but the side truncation cuts from is
+    try:
+        assert encode_cache.tokenizer_fingerprint(tiny_tokenizer) != fingerprint
+    finally:
+        tiny_tokenizer.truncation_side = "right"
     encode(dataset, tiny_tokenizer, 8, "classification")
     encode(dataset, tiny_tokenizer, 5, "classification")
     assert len(list(cache.iterdir())) == 2
