@@ -59,6 +59,8 @@ from strategies.wire import (
     state_to_record,
 )
 
+NODE_POLL_INTERVAL = 0.2  # seconds between looks at the connected nodes while waiting
+
 
 class AggregationError(RuntimeError):
     """A round whose accepted updates could not be aggregated."""
@@ -357,17 +359,22 @@ class LoraStrategy(FedAvg):
 
     def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Sample nodes with this strategy's own seeded generator; waits for enough nodes."""
-        waited = 0
+        nodes = self.connected_nodes(grid, max(minimum, self.min_available_nodes))
+        self._available = len(nodes)
+        return self._rng.sample(nodes, max(int(len(nodes) * fraction), minimum))
+
+    @staticmethod
+    def connected_nodes(grid: Grid, at_least: int) -> list[int]:
+        """The connected nodes (sorted), once at least ``at_least`` are; logs while it waits."""
+        next_log = time.monotonic()
         while True:
             nodes = sorted(grid.get_node_ids())
-            wanted = max(int(len(nodes) * fraction), minimum)
-            if len(nodes) >= max(wanted, self.min_available_nodes):
-                self._available = len(nodes)
-                return self._rng.sample(nodes, wanted)
-            if waited % 10 == 0:
-                log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes), wanted)
-            time.sleep(1)
-            waited += 1
+            if len(nodes) >= at_least:
+                return nodes
+            if time.monotonic() >= next_log:
+                log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes), at_least)
+                next_log = time.monotonic() + 10
+            time.sleep(NODE_POLL_INTERVAL)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

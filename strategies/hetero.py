@@ -63,9 +63,14 @@ class HeteroRankStrategy(LoraStrategy):
                            truncated.extras)
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-        """Assign ranks to every connected node before the first payloads are built."""
+        """Assign ranks to every connected node before the first payloads are built.
+
+        With an explicit rank list, waits until as many nodes as it has ranks are
+        connected (nodes may still be registering when the first round starts).
+        """
         if self.rank_plan is not None and self.rank_plan.explicit and not self.ranks:
-            nodes = sorted(grid.get_node_ids())
+            nodes = self.connected_nodes(
+                grid, max(len(self.rank_plan.explicit), self.min_available_nodes))
             self.rank_plan.check_num_clients(len(nodes))
             self.ranks.update(self.rank_plan.assign(nodes, self._rng))
         return super().configure_train(server_round, arrays, config, grid)

@@ -119,3 +119,29 @@ def test_bad_strategy_settings_raise_in_the_constructor():
         HetLoRA(lora_alpha=8.0, weighting="equal")
     with pytest.raises(ValueError, match="flexlora-split must be one of"):
         FlexLoRA(lora_alpha=8.0, split="A")
+
+
+class RegisteringGrid:
+    """Nodes that register while the first round starts: none, then one, then all."""
+
+    def __init__(self, final):
+        self.views = [[], [1], list(final)]
+
+    def get_node_ids(self):
+        return self.views.pop(0) if len(self.views) > 1 else self.views[0]
+
+
+@pytest.mark.parametrize("cls", [HetLoRA, FlexLoRA])
+def test_explicit_ranks_wait_for_the_nodes_still_registering(cls, monkeypatch):
+    import strategies.base
+
+    monkeypatch.setattr(strategies.base, "NODE_POLL_INTERVAL", 0.0)
+    strategy = cls(lora_alpha=8.0, min_train_nodes=2, min_available_nodes=2, rank_plan=_plan())
+    g = random_adapter(np.random.default_rng(0), {"m": 4})
+    messages = strategy.configure_train(1, adapter_to_record(g), ConfigRecord(),
+                                        RegisteringGrid([1, 2, 3]))
+    assert strategy.ranks == {1: 1, 2: 2, 3: 4}
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
+    with pytest.raises(ValueError, match="client-ranks lists 3 ranks but there are 4 clients"):
+        cls(lora_alpha=8.0, rank_plan=_plan()).configure_train(
+            1, adapter_to_record(g), ConfigRecord(), RegisteringGrid([1, 2, 3, 4]))
