@@ -118,8 +118,8 @@ def load_task_data(settings: DataSettings, task: str) -> TaskData:
     return TaskData(train=split["train"], test=split["test"], label_names=names)
 
 
-def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: int) -> object:
-    """The flwr-datasets partitioner named by the settings."""
+def make_partitioner(settings: DataSettings, num_partitions: int, train: Dataset) -> object:
+    """The flwr-datasets partitioner named by the settings, over the train pool ``train``."""
     from task.deferred_imports import defer_flwr_datasets_plotting
 
     defer_flwr_datasets_plotting()  # partitioning needs none of matplotlib/seaborn
@@ -129,6 +129,7 @@ def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: 
         NaturalIdPartitioner,
     )
 
+    num_examples = len(train)
     if num_partitions < 1:
         raise ValueError(f"num-partitions must be at least 1, got {num_partitions}")
     if num_partitions > num_examples:
@@ -136,10 +137,11 @@ def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: 
             f"{num_partitions} clients but only {num_examples} training examples; "
             "use fewer clients or more data"
         )
+    partitioner: IidPartitioner | DirichletPartitioner | NaturalIdPartitioner
     if settings.partitioner == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if settings.partitioner == "dirichlet":
-        return DirichletPartitioner(
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif settings.partitioner == "dirichlet":
+        partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=settings.partition_by or LABEL_COLUMN,
             alpha=settings.dirichlet_alpha,
@@ -147,7 +149,10 @@ def make_partitioner(settings: DataSettings, num_partitions: int, num_examples: 
             self_balancing=False,
             seed=settings.seed,
         )
-    return NaturalIdPartitioner(partition_by=settings.partition_by)
+    else:
+        partitioner = NaturalIdPartitioner(partition_by=settings.partition_by)
+    partitioner.dataset = train
+    return partitioner
 
 
 def load_partition(
@@ -167,8 +172,7 @@ def load_partition(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
     if partitioner is None:
-        partitioner = make_partitioner(settings, num_partitions, len(train))
-        partitioner.dataset = train  # type: ignore[attr-defined]
+        partitioner = make_partitioner(settings, num_partitions, train)
     if settings.partitioner == "natural":
         available = partitioner.num_partitions  # type: ignore[attr-defined]
         if available != num_partitions:

@@ -173,10 +173,8 @@ class TaskRuntime:
         """The train pool's partitioner into ``num_partitions`` (cached: it indexes them all)."""
         key = ("partitioner", num_partitions)
         if key not in self._encoded:
-            partitioner = make_partitioner(self.settings.data, num_partitions,
-                                           len(self.data.train))
-            partitioner.dataset = self.data.train  # type: ignore[attr-defined]
-            self._encoded[key] = partitioner
+            self._encoded[key] = make_partitioner(self.settings.data, num_partitions,
+                                                  self.data.train)
         return self._encoded[key]
 
     def audit_canaries(self) -> tuple[Canaries, np.ndarray]:

@@ -87,8 +87,7 @@ def test_a_shared_partitioner_gives_the_partitions_of_fresh_ones(toy_csv):
 
     s = _settings(toy_csv, partitioner="dirichlet", dirichlet_alpha=0.5)
     data = load_task_data(s, "classification")
-    shared = make_partitioner(s, 3, len(data.train))
-    shared.dataset = data.train
+    shared = make_partitioner(s, 3, data.train)
     for i in (2, 0, 1):
         reused = load_partition(data.train, s, partition_id=i, num_partitions=3,
                                 partitioner=shared)
