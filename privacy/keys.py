@@ -90,6 +90,22 @@ def _parse_pin(pin: str) -> tuple[Literal["any", "key", "fingerprint"], bytes]:
     return kind, bytes.fromhex(text)
 
 
+def read_private_file(source: Path) -> bytes:
+    """The bytes of a private key file, refusing one that group or others can access.
+
+    Raises:
+        PermissionError: the file's mode lets group or others read or write it.
+
+    """
+    mode = stat.S_IMODE(source.stat().st_mode)
+    if os.name == "posix" and mode & 0o077:
+        raise PermissionError(
+            f"{source} has mode {mode:04o}; a private key file must be 0600 "
+            f"(chmod 600 {source})"
+        )
+    return source.read_bytes()
+
+
 def _check_public_key_bytes(public_key_bytes: bytes) -> None:
     if not isinstance(public_key_bytes, bytes | bytearray):
         raise ValueError(f"a public key is bytes, not {type(public_key_bytes).__name__}")
@@ -204,13 +220,7 @@ class ServerIdentity:
 
         """
         source = Path(path)
-        mode = stat.S_IMODE(source.stat().st_mode)
-        if os.name == "posix" and mode & 0o077:
-            raise PermissionError(
-                f"{source} has mode {mode:04o}; a private key file must be 0600 "
-                f"(chmod 600 {source})"
-            )
-        data = source.read_bytes()
+        data = read_private_file(source)
         if data.lstrip().startswith(b"-----BEGIN"):
             try:
                 key = serialization.load_pem_private_key(data, password=password)

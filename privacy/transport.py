@@ -1,7 +1,7 @@
 """End-to-end sealing of adapter payloads between the ServerApp and its ClientApps.
 
 Messages pass through the SuperLink, which stores them; this module makes sure it only
-ever stores ciphertext. Protocol ``fedlora-payload/v1``:
+ever stores ciphertext. Protocol ``fedlora-payload/v2``:
 
 **Keys.** The server has a long-term X25519 key ``S`` (:class:`privacy.keys.ServerIdentity`),
 pinned by every client. Each round the server draws an ephemeral key ``Es`` (one for all
@@ -9,8 +9,8 @@ clients) and each client an ephemeral key ``Ec``; the public halves travel in cl
 message config. Both sides compute::
 
     ikm  = X25519(ec, S) || X25519(ec, Es)          # = X25519(s, Ec) || X25519(es, Ec)
-    salt = SHA-256(b"fedlora-payload/v1|salt|" || S || Es || Ec)
-    info = b"fedlora-payload/v1|run=<run>|round=<round>|client=<node>|dir=<s2c or c2s>"
+    salt = SHA-256(b"fedlora-payload/v2|salt|" || S || Es || Ec)
+    info = b"fedlora-payload/v2|run=<run>|round=<round>|client=<node>|dir=<s2c or c2s>"
     key  = HKDF-SHA256(ikm, salt, info, length=32)   # one AES-256 key per direction
 
 ``X25519(ec, S)`` authenticates the server: only the holder of the pinned static key can
@@ -21,17 +21,23 @@ dropped after the round, so a later leak of ``s`` does not open recorded traffic
 binds the key to the exact three public keys (the transcript); ``info`` binds it to the
 protocol version, run, round, client node and direction, so every round, every client
 and each direction has its own key, and the two directions never share a key or nonces.
-The server side is authenticated; the client side is not (as in TLS without client
-certificates): that a reply comes from node ``X`` rests on Flower's SuperNode
-authentication, not on this layer.
+The server side is authenticated by the key exchange; the client side by a signature: a
+node signs its ephemeral key, bound to run, round, message type and node id, with a
+long-term Ed25519 key the server admits (:mod:`privacy.client_keys`, checked in
+:mod:`privacy.flower`).
 
 **Sealing.** AES-256-GCM over the arrays' raw little-endian C-order bytes, concatenated in
 manifest order (no pickle, no ``.npy``: nothing self-describing is parsed on receipt). The
 manifest is a compact JSON list ``[[name, shape, dtype], ...]`` sorted by name, sent in
 clear. The associated data is::
 
-    b"fedlora-payload/v1" || u16 version || u64 run || u64 round || u64 sender
-        || u64 receiver || SHA-256(manifest as sent, UTF-8)    # integers big-endian
+    b"fedlora-payload/v2" || u16 version || u64 run || u64 round || u64 sender
+        || u64 receiver || SHA-256(manifest as sent, UTF-8) || SHA-256(binding)
+                                                          # integers big-endian
+
+``binding`` is whatever travels in clear beside the payload and must not be changed on
+the way: :mod:`privacy.flower` passes a digest of the message type and of every config
+and metric record of the message (the instructions, the reported example count).
 
 **Nonces.** 96 bits = a 32-bit big-endian per-key counter || 64 fresh random bits. Within
 one key object nonces are distinct by construction (the counter never repeats, and the
@@ -69,8 +75,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from privacy.keys import PinMismatch, ServerIdentity, verify_pinned
 
-PROTOCOL = b"fedlora-payload/v1"
-VERSION = 1
+PROTOCOL = b"fedlora-payload/v2"
+VERSION = 2
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -109,16 +115,23 @@ def _check_uint64(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class PayloadContext:
-    """Who sends a payload to whom, in which run and round (all unsigned 64-bit ints)."""
+    """Who sends a payload to whom, in which run and round (all unsigned 64-bit ints).
+
+    ``binding``: bytes that travel in clear beside the payload (or their digest), bound
+    into the associated data so that changing them makes the payload fail to open.
+    """
 
     run_id: int
     round: int
     sender: int
     receiver: int
+    binding: bytes = b""
 
     def __post_init__(self) -> None:
         for name in ("run_id", "round", "sender", "receiver"):
             _check_uint64(name, getattr(self, name))
+        if not isinstance(self.binding, bytes):
+            raise PayloadRejected("binding must be bytes")
 
 
 # --------------------------------------------------------------------------- nonces
@@ -512,7 +525,8 @@ class SealedPayload:
 def _associated_data(context: PayloadContext, manifest: str) -> bytes:
     header = struct.pack(">HQQQQ", VERSION, context.run_id, context.round,
                          context.sender, context.receiver)
-    return PROTOCOL + header + hashlib.sha256(manifest.encode("utf-8")).digest()
+    return (PROTOCOL + header + hashlib.sha256(manifest.encode("utf-8")).digest()
+            + hashlib.sha256(context.binding).digest())
 
 
 def _seal_plaintext(plaintext: bytes, manifest: str, *, key: SessionKey,

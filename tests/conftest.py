@@ -46,6 +46,15 @@ def encode_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ["FEDLORA_CACHE_DIR"] = previous
 
 
+@pytest.fixture(autouse=True)
+def node_state_dir(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets a fresh node state folder (pins, DP ledgers), never the user's."""
+    folder = tmp_path_factory.mktemp("node-state")
+    monkeypatch.setenv("FEDLORA_STATE_DIR", str(folder))  # privacy.files.state_dir
+    return folder
+
+
 @pytest.fixture(scope="session")
 def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "toy.csv"

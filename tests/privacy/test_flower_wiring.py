@@ -21,13 +21,14 @@ class Run:
 class FakeGrid:
     """Delivers messages to in-process 'clients' and records what crosses the relay."""
 
-    def __init__(self, nodes, handler, tamper=None):
+    def __init__(self, nodes, handler, tamper=None, node_config=None, relay=None):
         self.nodes = nodes
         self.handler = handler
         self.tamper = tamper
+        self.relay = relay  # rewrites a message on its way to a node (returns the new one)
         self.run = Run()
-        self.contexts = {n: Context(run_id=42, node_id=n, node_config={}, state=RecordDict(),
-                                    run_config={}) for n in nodes}
+        self.contexts = {n: Context(run_id=42, node_id=n, node_config=dict(node_config or {}),
+                                    state=RecordDict(), run_config={}) for n in nodes}
         self.seen: list[RecordDict] = []
 
     def get_node_ids(self):
@@ -39,6 +40,9 @@ class FakeGrid:
             node = message.metadata.dst_node_id
             self.seen.append(message.content)
             message.metadata.__dict__["_run_id"] = 42
+            if self.relay is not None:
+                message = self.relay(node, message)
+                message.metadata.__dict__["_run_id"] = 42
             if message.metadata.message_type == HANDSHAKE_TYPE:
                 reply = handshake(message, self.contexts[node])
             else:
@@ -71,7 +75,7 @@ def _round(strategy, grid, adapter):
 def test_sealed_round_equals_plain_round_and_the_relay_sees_no_plaintext():
     adapter = random_adapter(np.random.default_rng(0), {"m": 2})
     plain = FedIT(lora_alpha=8.0, min_train_nodes=2, min_available_nodes=2)
-    plain_grid = FakeGrid([1, 2], local_update(0.5))
+    plain_grid = FakeGrid([1, 2], local_update(0.5), node_config={"require-encryption": False})
     expected, _ = plain.aggregate_train(1, plain_grid.send_and_receive(
         plain.configure_train(1, adapter_to_record(adapter), ConfigRecord(), plain_grid)))
     sealed = EncryptedStrategy(FedIT(lora_alpha=8.0, min_train_nodes=2,
