@@ -12,30 +12,32 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
-from logging import INFO
+from collections.abc import Callable, Mapping
+from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
-from client.dp import BudgetRefused, train_private
+from client.dp import BudgetRefused, data_identity, ledger_path, train_private
 from client.partition import node_partition
+from client.policy import NodePolicy, PolicyRefused
 from client.private_state import load_private, store_private
-from client.ranks import apply_rank_budget, fit_rank, prune, pruning_penalty
+from client.ranks import fit_rank, prune, pruning_penalty
 from privacy.flower import encryption_mod, handshake
 from strategies.adapter import LoraAdapter
 from strategies.instructions import ClientInstructions
 from strategies.parts import ALL_PARTS, select_parts
 from strategies.sparse import is_sparse_key
 from strategies.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
-from task.settings import TaskSettings
+from task.settings import TaskSettings, run_num_rounds
 
 if TYPE_CHECKING:
     from task.runtime import TaskRuntime
 
 BUDGET_ERROR_CODE = 4001  # a client refusing a round that would exceed its privacy budget
+POLICY_ERROR_CODE = 4002  # a client refusing instructions or DP terms outside its node policy
 
 
 def _config(context: Context, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -47,8 +49,18 @@ def _settings(context: Context, overrides: Mapping[str, Any] | None) -> TaskSett
 
 
 def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> int:
-    """A distinct, reproducible seed per run, round and client (data order, dropout)."""
+    """A distinct, reproducible seed per run, round and client (data order, dropout).
+
+    The server knows all three, so this never seeds a privacy mechanism: DP-SGD's noise
+    and Poisson sampling come from OS entropy unless the run says ``dp-reproducible``.
+    """
     return settings.train.seed * 1_000_003 + server_round * 1_009 + partition_id
+
+
+def refusal(message: Message, code: int, exc: Exception, *, action: str = "train") -> Message:
+    """An error reply that says why the node refuses (the server leaves it out)."""
+    log(WARNING, "fedlora client: refused to %s: %s", action, exc)
+    return Message(Error(code=code, reason=f"refused to {action}: {exc}"), reply_to=message)
 
 
 def process_age() -> float | None:
@@ -94,11 +106,17 @@ def train(
 ) -> Message:
     """Handle a train message: load the sent adapter, train locally, reply with the result.
 
-    Only the parts the instructions name are trained and sent back; private parts are
-    stored in ``context.state`` and never put in the reply. The reply's metrics include
-    ``setup-seconds``, the time from this handler's start to the start of training
-    (imports, building or reusing the cached runtime, encoding data, loading the
-    adapter), and ``process-age-seconds``, the process's age when training starts.
+    The node's policy (:mod:`client.policy`, from its node config) bounds what the
+    instructions and the run config may ask; outside it the node replies with an error
+    that says why and trains nothing. Only the parts the instructions name are trained
+    and sent back; private parts are stored in ``context.state`` and never put in the
+    reply. With DP the noise and sampling come from OS entropy (unless the run says
+    ``dp-reproducible`` and the node allows it), and the ledger is kept on disk by
+    default (:mod:`client.dp`). The reply's metrics include ``setup-seconds``, the time
+    from this handler's start to the start of training (imports, building or reusing
+    the cached runtime, encoding data, loading the adapter), and
+    ``process-age-seconds``, the process's age when training starts; they carry no
+    partition id.
     """
     received = time.monotonic()
     import torch
@@ -108,8 +126,16 @@ def train(
 
     settings = _settings(context, overrides)
     partition_id, num_partitions = node_partition(context.node_config)
-    instructions = apply_rank_budget(
-        ClientInstructions.from_config(message.content[CONFIG_KEY]), context.node_config)
+    policy = NodePolicy.from_node_config(context.node_config)
+    num_rounds = run_num_rounds(_config(context, overrides))
+    try:
+        instructions = policy.bound_instructions(
+            ClientInstructions.from_config(message.content[CONFIG_KEY]))
+        policy.check_rounds(num_rounds=num_rounds, server_round=instructions.server_round)
+        terms = policy.dp_terms(settings.privacy.to_dp(),
+                                reproducible=settings.privacy.dp_reproducible)
+    except PolicyRefused as exc:
+        return refusal(message, POLICY_ERROR_CODE, exc)
     runtime = cached_runtime(settings)
     data = runtime.encoded_partition(partition_id, num_partitions)
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
@@ -118,7 +144,6 @@ def train(
         runtime.sparse.start_training()
     seed = round_seed(settings, instructions.server_round, partition_id)
     penalty = pruning_penalty(runtime, instructions)
-    dp = settings.privacy.to_dp()
     setup_seconds = time.monotonic() - received
     age = process_age()
     log(INFO, "fedlora client: round %d, partition %d (pid %d): training starts after "
@@ -126,18 +151,29 @@ def train(
         os.getpid(), setup_seconds, "unknown" if age is None else f"{age:.2f} s")
     try:
         with torch.random.fork_rng(devices=[]):  # dropout draws from a private, seeded stream
-            torch.manual_seed(seed)
-            if dp is None:
+            torch.manual_seed(seed)  # dropout only: not a privacy mechanism (see round_seed)
+            if terms is None:
                 result = train_local(runtime.model, runtime.tokenizer, data, settings.train,
                                      device=runtime.device, autocast=runtime.autocast,
                                      seed=seed, penalty=penalty)
             else:
-                num_rounds = int(_config(context, overrides).get("num-rounds", 1))
-                result = train_private(runtime, data, settings.train, dp=dp, context=context,
-                                       seed=seed, num_rounds=num_rounds, penalty=penalty)
+                if terms.reproducible:
+                    log(WARNING, "fedlora client: dp-reproducible=true: the DP noise is "
+                        "seeded from the run seed; NOT private against the server")
+                identity = data_identity(dataset=settings.data.dataset,
+                                         partition_id=partition_id,
+                                         num_partitions=num_partitions)
+                result = train_private(
+                    runtime, data, settings.train, terms=terms, policy=policy,
+                    context=context, seed=seed if terms.reproducible else None,
+                    ledger_file=ledger_path(policy, dataset=settings.data.dataset,
+                                            partition_id=partition_id,
+                                            num_partitions=num_partitions),
+                    identity=identity, num_rounds=num_rounds, penalty=penalty)
     except BudgetRefused as exc:  # refuse, say why; the server leaves us out
-        return Message(Error(code=BUDGET_ERROR_CODE, reason=f"refused to train: {exc}"),
-                       reply_to=message)
+        return refusal(message, BUDGET_ERROR_CODE, exc)
+    except PolicyRefused as exc:
+        return refusal(message, POLICY_ERROR_CODE, exc)
     finally:
         runtime.set_trainable(ALL_PARTS)
         runtime.sparse.stop_training()
@@ -155,7 +191,6 @@ def train(
         "train-seconds": result.seconds,
         "setup-seconds": setup_seconds,
         **({} if age is None else {"process-age-seconds": age}),
-        "partition-id": partition_id,
         "rank": adapter.max_rank,
         **(result.metrics() if hasattr(result, "metrics") else {}),
     })
@@ -184,7 +219,11 @@ def evaluate(
                     ClientInstructions(server_round=int(config.get("server-round", 0)),
                                        strategy="", rank=settings.lora.lora_rank,
                                        alpha=settings.lora.lora_alpha))
-    instructions = apply_rank_budget(instructions, context.node_config)
+    try:
+        instructions = NodePolicy.from_node_config(context.node_config).bound_instructions(
+            instructions)
+    except PolicyRefused as exc:
+        return refusal(message, POLICY_ERROR_CODE, exc, action="evaluate")
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
     data = runtime.encoded_local_test(partition_id, num_partitions)
     if len(data) == 0:  # no local held-out share: this node's shard of the server's split
@@ -198,13 +237,32 @@ def evaluate(
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+def node_config_mod(node_overrides: Mapping[str, Any]) -> Callable[..., Message]:
+    """A ClientApp mod that applies ``node_overrides`` over each node's own node config.
+
+    Flower's simulation engine gives every virtual node only ``partition-id`` and
+    ``num-partitions``; this is how a simulation sets what a deployed node would set
+    with ``--node-config`` (``require-encryption``, a DP policy, ...). It runs first, so
+    every later mod and handler sees the same node config.
+    """
+    def mod(message: Message, context: Context,
+            call_next: Callable[[Message, Context], Message]) -> Message:
+        context.node_config.update(node_overrides)
+        return call_next(message, context)
+
+    return mod
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None,
+                    node_overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` are run-config entries applied over the run's own.
 
-    Sealed payloads are opened (and replies sealed) by the encryption mod; the handshake
-    query gives the server this round's client key.
+    ``node_overrides`` are node-config entries applied over every node's own (see
+    :func:`node_config_mod`). Sealed payloads are opened (and replies sealed) by the
+    encryption mod; the handshake query gives the server this round's client key.
     """
-    client_app = ClientApp(mods=[encryption_mod])
+    mods = [node_config_mod(dict(node_overrides))] if node_overrides else []
+    client_app = ClientApp(mods=[*mods, encryption_mod])
 
     @client_app.query("fedlora_handshake")
     def _handshake(message: Message, context: Context) -> Message:

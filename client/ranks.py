@@ -30,7 +30,11 @@ def apply_rank_budget(
     """
     if BUDGET_KEY not in node_config:
         return instructions
-    budget = int(node_config[BUDGET_KEY])
+    return lower_rank(instructions, int(node_config[BUDGET_KEY]))
+
+
+def lower_rank(instructions: ClientInstructions, budget: int) -> ClientInstructions:
+    """The instructions with their rank lowered to ``budget`` (alpha in proportion)."""
     if budget < 1:
         raise ValueError(f"node config {BUDGET_KEY} must be at least 1, got {budget}")
     if budget >= instructions.rank:

@@ -51,7 +51,10 @@ class DPSettings:
         epsilon_budget: refuse to train a round after which epsilon would exceed this;
             None for no limit.
         secure_mode: use Opacus' secure mode (cryptographically secure RNG for noise and
-            sampling, which needs the ``torchcsprng`` package).
+            sampling, which needs the ``torchcsprng`` package); a node asks for it with
+            its node config ``dp-secure-mode`` (:mod:`client.policy`). Without it the
+            noise and sampling still come from OS-seeded generators unless a seed is
+            given (:func:`task.dp_training.train_local_dp`).
 
     """
 

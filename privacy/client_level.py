@@ -57,10 +57,11 @@ What the epsilon covers, and what it assumes:
   the run seed, so keep the seed private or count on ``q = 1`` only;
 - HetLoRA's rank self-pruning makes a client's rank depend on its data; set
   ``hetlora-threshold = 0`` (no pruning) for ranks that are public;
-- the noise comes from numpy's PCG64, seeded from the run seed and the round, so a run is
-  reproducible. That is for research: anyone who knows the seed can subtract the noise.
-  ``secure_seed=True`` (setting ``client-dp-secure-seed``) seeds it from the OS CSPRNG
-  (:mod:`secrets`) instead; PCG64 itself is still not a cryptographically secure generator
+- the noise comes from numpy's PCG64. With ``secure_seed=True`` (setting
+  ``client-dp-secure-seed``, true by default) it is seeded from the OS CSPRNG
+  (:mod:`secrets`); with ``secure_seed=False`` from the run seed and the round, so a run
+  is reproducible, for research only: anyone who knows the seed (every client sees the
+  run config) can subtract the noise. PCG64 itself is still not a cryptographically secure generator
   and floating-point Gaussian sampling has known attacks, so production use wants a vetted
   DP noise library (a CSPRNG and discrete or snapped Gaussian sampling).
 """

@@ -26,10 +26,16 @@ Decisions:
   passed to the model (a BERT forward on zero rows fails); the step still happens as a
   noise-only step: zero per-sample gradients, Gaussian noise, optimizer update, and
   Opacus' accountant counts it.
-- Secure mode (``DPSettings.secure_mode``) without the ``torchcsprng`` package raises
-  :class:`SecureModeUnavailable` before anything is touched; there is no silent
-  fallback to the pseudo-random generator. Without secure mode, sampling and noise come
-  from generators seeded by ``seed`` (pass a distinct seed per round and client).
+- Randomness of the mechanism (the Gaussian noise and the Poisson sampling): by default
+  (``seed=None``) each round's generators are seeded from OS entropy
+  (:func:`secrets.randbits`), so whoever knows the run's settings (the server) cannot
+  regenerate the noise and subtract it from the update, nor tell which examples a step
+  sampled. A ``seed`` makes both reproducible, and the epsilon then holds only against
+  parties that do not know the seed: pass one only for experiments. Secure mode
+  (``DPSettings.secure_mode``) draws both from Opacus' cryptographically secure RNG
+  instead, which also resists attacks on the floating-point sampler; without the
+  ``torchcsprng`` package it raises :class:`SecureModeUnavailable` before anything is
+  touched (no silent fallback).
 - The causal-LM loss under DP is the mean over examples of each example's mean token
   loss (per-example clipping needs a loss that is a mean over examples), not the token
   mean over the batch that ``train_local`` uses.
@@ -41,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -333,28 +340,36 @@ class _ShuffledBatches(Sampler[list[int]]):
             yield [i for _ in range(self._accumulation) for i in next(self._chunks)]
 
 
-def _stream_seed(seed: int, stream: int) -> int:
-    """A seed for one random stream (noise, sampling) derived from the round's seed."""
+def _stream_seed(seed: int | None, stream: int) -> int:
+    """A seed for one random stream (noise, sampling): from the round's seed, or OS entropy.
+
+    With ``seed=None`` every call draws 63 fresh bits from the OS (:mod:`secrets`), so
+    nothing anyone else knows determines the stream.
+    """
+    if seed is None:
+        return secrets.randbits(63)
     state = np.random.SeedSequence([seed % 2**63, stream]).generate_state(1, np.uint64)
     return int(state[0] % 2**63)
 
 
 def dp_data_loader(
     data: Encoded, tokenizer: PreTrainedTokenizerBase, settings: TrainSettings, *,
-    seed: int, poisson: bool = True,
+    seed: int | None = None, poisson: bool = True,
 ) -> DataLoader:
     """The loader to hand to Opacus: indices of the partition, padded by the collate.
 
     With ``poisson`` Opacus replaces its sampler by Poisson sampling at
     ``1 / len(loader)``; without, batches are drawn exactly as ``train_local`` draws them
-    (for comparisons; the accounting is then only an approximation).
+    (for comparisons; the accounting is then only an approximation). The sampling is
+    seeded from ``seed``, or from OS entropy when it is None (see the module docstring).
     """
     collate = _PadCollate(data, tokenizer)
     generator = torch.Generator().manual_seed(_stream_seed(seed, _SAMPLING_STREAM))
     if poisson:
         return DataLoader(_Indices(len(data)), collate_fn=collate, generator=generator,
                           batch_size=settings.batch_size * settings.grad_accumulation)
-    sampler = _ShuffledBatches(len(data), settings, torch.Generator().manual_seed(seed))
+    order = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    sampler = _ShuffledBatches(len(data), settings, order)
     # a generator of its own, or every new iterator draws its base seed from torch's global one
     return DataLoader(_Indices(len(data)), batch_sampler=sampler, collate_fn=collate,
                       generator=generator)
@@ -363,12 +378,13 @@ def dp_data_loader(
 @contextlib.contextmanager
 def private_training(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *,
-    dp: DPSettings, noise_multiplier: float, poisson: bool = True, seed: int = 0,
+    dp: DPSettings, noise_multiplier: float, poisson: bool = True, seed: int | None = None,
 ) -> Iterator[PrivateTraining]:
     """Attach Opacus to ``model`` for the duration of the block, and always detach it.
 
     Uses a fresh ``PrivacyEngine`` (hooks mode, no wrapper: the model object is used as
-    it is) and ``make_private``; the noise is seeded from ``seed`` unless in secure mode.
+    it is) and ``make_private``. The noise comes from Opacus' secure RNG in secure mode,
+    else from a generator seeded from ``seed``, or from OS entropy when it is None.
 
     Raises:
         SecureModeUnavailable: secure mode without ``torchcsprng``.
@@ -487,7 +503,7 @@ def train_local_dp(
     dp: DPSettings,
     ledger: PrivacyLedger,
     device: torch.device,
-    seed: int = 0,
+    seed: int | None = None,
     autocast: torch.dtype | None = None,
     poisson: bool = True,
     target_steps: int | None = None,
@@ -503,7 +519,9 @@ def train_local_dp(
         dp: clip norm, noise or target epsilon, delta, accountant, budget, secure mode.
         ledger: the client's ledger for this partition; the round is added to it.
         device: where the model is.
-        seed: seeds the sampling and the noise (not in secure mode); distinct per round.
+        seed: None (the default) seeds the sampling and the noise from OS entropy, each
+            round afresh; a number makes them reproducible by anyone who knows it, so the
+            epsilon no longer holds against them (experiments only). Ignored in secure mode.
         autocast: autocast dtype, as for ``train_local``.
         poisson: False draws batches as ``train_local`` does (only for comparisons: the
             accounting assumes Poisson sampling).

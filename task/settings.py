@@ -18,6 +18,8 @@ TASKS = ("classification", "causal-lm")
 PARTITIONERS = ("iid", "dirichlet", "natural")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: the run's rounds when the run config does not say (the server's and the clients' default)
+DEFAULT_NUM_ROUNDS = 5
 
 
 def run_config_key(field_name: str) -> str:
@@ -43,6 +45,19 @@ def from_run_config(cls: type[T], config: Mapping[str, Any]) -> T:
         if key in config:
             kwargs[f.name] = _convert(key, config[key], f.type)
     return cls(**kwargs)
+
+
+def run_num_rounds(config: Mapping[str, Any]) -> int:
+    """The run's ``num-rounds`` from a flat run config (:data:`DEFAULT_NUM_ROUNDS` if absent).
+
+    Raises:
+        ValueError: it is not a whole number of at least 1.
+
+    """
+    rounds = _convert("num-rounds", config.get("num-rounds", DEFAULT_NUM_ROUNDS), "int")
+    if rounds < 1:
+        raise ValueError(f"num-rounds must be at least 1, got {rounds}")
+    return int(rounds)
 
 
 def _convert(key: str, value: Any, type_name: Any) -> Any:
@@ -188,6 +203,13 @@ class PrivacySettings:
     local steps) reaches it; otherwise ``dp_noise_multiplier`` is used. A client whose
     next round would take its cumulative epsilon past ``dp_epsilon_budget`` (above 0)
     refuses to train. See :class:`privacy.accounting.DPSettings`.
+
+    ``dp_reproducible``: seed the DP noise and Poisson sampling from the run seed, the
+    round and the partition, so a run can be repeated bit for bit. The server knows all
+    three, so it can then regenerate (and subtract) every noise tensor: the epsilon no
+    longer holds against the server. Off by default (noise and sampling from OS
+    entropy); a node refuses it unless its node config says ``dp-allow-reproducible``
+    (see :mod:`client.policy`), and the results folder flags the run.
     """
 
     dp: bool = False
@@ -197,6 +219,12 @@ class PrivacySettings:
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
     dp_epsilon_budget: float = 0.0
+    dp_reproducible: bool = False
+
+    @property
+    def private_against_server(self) -> bool:
+        """Whether DP-SGD runs with noise the server cannot regenerate (DP on, not reproducible)."""
+        return self.dp and not self.dp_reproducible
 
     def __post_init__(self) -> None:
         if self.dp:

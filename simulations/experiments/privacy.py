@@ -92,8 +92,10 @@ def privacy() -> ExperimentSpec:
         ),
         variants=variants,
         num_clients=4,
+        # seeded noise: the sweep is reproducible (the experimenter plays the server and
+        # every node, and the audit's attacker does not use the seed)
         base_config={**PRESET, "audit-canaries": CANARIES, "keep-checkpoints": 0,
-                     "eval-batch-size": 128, "eval-subset": 100},
+                     "eval-batch-size": 128, "eval-subset": 100, "dp-reproducible": True},
         threshold=0.8,
         seeds=(0, 1, 2),
         hooks=__name__,

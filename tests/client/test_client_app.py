@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.app import prepare_adapter, train
+from client.app import BUDGET_ERROR_CODE, POLICY_ERROR_CODE, prepare_adapter, train
 from client.partition import node_partition
 from strategies.instructions import ClientInstructions
 from strategies.parts import ALL_PARTS, EXTRAS, LORA_A, LORA_B, part_of, select_parts
@@ -17,9 +17,11 @@ from tests.conftest import tiny_run_config
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _context(run_config, partition_id=0, num_partitions=2):
+def _context(run_config, partition_id=0, num_partitions=2, **node_config):
+    node_config = {k.replace("_", "-"): v for k, v in node_config.items()}
     return Context(run_id=42, node_id=5, node_config={"partition-id": partition_id,
-                                                       "num-partitions": num_partitions},
+                                                       "num-partitions": num_partitions,
+                                                       **node_config},
                    state=RecordDict(), run_config=run_config)
 
 
@@ -165,3 +167,115 @@ def test_dp_ledger_file_keeps_epsilon_across_runs_of_the_node(tiny_bert_dir, toy
     ledger_file.write_text("{torn")
     with pytest.raises(ValueError, match="cannot be read"):
         train(_train_message(config, server_round=3)[0], context())
+
+
+# --- the server as the attacker ------------------------------------------------------------
+
+def _dp_config(tiny_bert_dir, toy_csv, **extra):
+    return tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-3, "num-rounds": 3, **extra})
+
+
+def _arrays(reply):
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+
+
+def test_the_server_cannot_regenerate_the_dp_noise_by_default(tiny_bert_dir, toy_csv):
+    # The server knows the seed, the round and the partition; with the old per-round seed
+    # the same settings gave the same update, so it could regenerate (and subtract) the
+    # noise. By default two identical requests now give different updates.
+    config = _dp_config(tiny_bert_dir, toy_csv)
+    node = {"dp-ledger": "run"}
+    message, _ = _train_message(config, server_round=1)
+    first = train(message, _context(config, **node))
+    second = train(message, _context(config, **node))
+    assert any(not np.array_equal(a, _arrays(second)[k]) for k, a in _arrays(first).items())
+    for reply in (first, second):  # the partition id no longer travels in clear metrics
+        assert "partition-id" not in reply.content["metrics"]
+    # reproducible only on the run's explicit request, and only where the node allows it
+    repro = _dp_config(tiny_bert_dir, toy_csv, **{"dp-reproducible": True})
+    message, _ = _train_message(repro, server_round=1)
+    refused = train(message, _context(repro, **node))
+    assert refused.has_error() and "dp-allow-reproducible=true" in refused.error.reason
+    allowed = {**node, "dp-allow-reproducible": True}
+    a = train(message, _context(repro, **allowed))
+    b = train(message, _context(repro, **allowed))
+    for key, value in _arrays(a).items():
+        np.testing.assert_array_equal(value, _arrays(b)[key])
+
+
+def test_the_ledger_outlives_the_run_and_the_node_caps_epsilon_whatever_the_server_says(
+        tiny_bert_dir, toy_csv, node_state_dir):
+    # Each Flower run has a fresh Context; without dp-ledger-file epsilon used to restart at
+    # 0, and without dp-epsilon-budget a node never refused.
+    config = _dp_config(tiny_bert_dir, toy_csv)
+    eps1 = train(_train_message(config, server_round=1)[0], _context(config)
+                 ).content["metrics"]["dp-epsilon"]
+    files = list((node_state_dir / "dp-ledgers").iterdir())
+    assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
+    assert files[0].parent.stat().st_mode & 0o077 == 0
+    eps2 = train(_train_message(config, server_round=1)[0], _context(config)  # a new run
+                 ).content["metrics"]["dp-epsilon"]
+    assert eps2 > eps1
+    # a new run that asks for no budget and almost no noise: refused by the node's cap
+    greedy = _dp_config(tiny_bert_dir, toy_csv, **{"dp-noise-multiplier": 0.05,
+                                                   "dp-epsilon-budget": 0.0})
+    refused = train(_train_message(greedy, server_round=1)[0], _context(greedy))
+    assert refused.has_error() and refused.error.code == BUDGET_ERROR_CODE
+    assert "the node's dp-max-epsilon 10" in refused.error.reason
+    # the node's own, lower cap holds against the server's normal request too
+    capped = {"dp-max-epsilon": eps2 * 1.01}
+    refused = train(_train_message(config, server_round=1)[0], _context(config, **capped))
+    assert refused.has_error() and f"dp-max-epsilon {eps2 * 1.01:g}" in refused.error.reason
+    # nothing was spent by the refusals: the ledger still reads eps2
+    nothing_spent = _context(config, **{"dp-max-epsilon": 1000.0})
+    eps3 = train(_train_message(config, server_round=1)[0], nothing_spent
+                 ).content["metrics"]["dp-epsilon"]
+    assert eps3 > eps2
+    reference = _context(config, **{"dp-ledger": "run"})  # a simulation's per-run ledger
+    for server_round in (1, 2, 3):
+        last = train(_train_message(config, server_round=server_round)[0], reference)
+    assert last.content["metrics"]["dp-epsilon"] == pytest.approx(eps3, rel=1e-12)
+    fresh = train(_train_message(config, server_round=1)[0], _context(config, dp_ledger="run"))
+    assert fresh.content["metrics"]["dp-epsilon"] == pytest.approx(eps1, rel=1e-12)
+
+
+def test_the_node_refuses_instructions_outside_its_bounds(tiny_bert_dir, toy_csv):
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{"num-rounds": 20})
+    message, _ = _train_message(config)  # rank 4, alpha 8
+    cases = [({"max-lora-alpha": 4}, "max-lora-alpha 4"),
+             ({"max-num-rounds": 10}, "num-rounds 20, above this node's max-num-rounds 10"),
+             ({"dp-required": True}, "dp-required=true")]
+    for node, reason in cases:
+        reply = train(message, _context(config, **node))
+        assert reply.has_error() and reply.error.code == POLICY_ERROR_CODE, node
+        assert reason in reply.error.reason
+    dp = _dp_config(tiny_bert_dir, toy_csv, **{"dp-target-epsilon": 20.0})
+    reply = train(_train_message(dp)[0], _context(dp))
+    assert reply.has_error() and "dp-target-epsilon 20, above this node's dp-max-epsilon 10" \
+        in reply.error.reason
+
+
+def test_a_target_epsilon_is_spread_over_the_servers_default_num_rounds(tiny_bert_dir,
+                                                                         toy_csv):
+    from privacy.accounting import noise_for_target
+    from task.dp_training import dp_sample_rate
+
+    config = _dp_config(tiny_bert_dir, toy_csv, **{"dp-target-epsilon": 5.0})
+    del config["num-rounds"]  # the server's default (5), not 1
+    reply = train(_train_message(config)[0], _context(config, **{"dp-ledger": "run"}))
+    rate = dp_sample_rate(96, TaskSettings.from_run_config(config).train)
+    expected = noise_for_target(target_epsilon=5.0, delta=1e-3, sample_rate=rate, steps=5 * 3)
+    assert reply.content["metrics"]["dp-noise-multiplier"] == pytest.approx(expected)
+
+
+def test_a_node_asking_for_secure_mode_without_torchcsprng_refuses(tiny_bert_dir, toy_csv):
+    from task.dp_training import secure_rng_available
+
+    if secure_rng_available():
+        pytest.skip("torchcsprng is installed")
+    config = _dp_config(tiny_bert_dir, toy_csv)
+    reply = train(_train_message(config)[0], _context(config, **{"dp-secure-mode": True}))
+    assert reply.has_error() and reply.error.code == POLICY_ERROR_CODE
+    assert "torchcsprng" in reply.error.reason and "dp-secure-mode=true" in reply.error.reason

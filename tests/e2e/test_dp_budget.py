@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
 
 
 def test_clients_refuse_the_round_past_their_budget_and_the_run_goes_on(
-        tmp_path, tiny_bert_dir, toy_csv):
+        tmp_path, tiny_bert_dir, toy_csv, node_state_dir):
     # 240 toy rows, 20% held out, IID over 2 clients: 96 training examples each
     steps, noise, delta = 3, 1.0, 1e-3
     rate = dp_sample_rate(96, TrainSettings(batch_size=8, local_steps=steps))
@@ -39,5 +39,21 @@ def test_clients_refuse_the_round_past_their_budget_and_the_run_goes_on(
     details = json.loads((results / "details.json").read_text())
     epsilons = details["1"]["client_epsilon"]
     assert len(epsilons) == 2 and max(epsilons.values()) <= budget
-    final = json.loads((results / "summary.json").read_text())["final"]
-    assert final["eval_accuracy"] == records[1]["eval_accuracy"]  # unchanged after round 1
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["final"]["eval_accuracy"] == records[1]["eval_accuracy"]  # unchanged
+    assert summary["dp_private_against_server"] is True  # noise from OS entropy
+    # simulated nodes keep their ledger for the run only: research runs do not accumulate
+    assert not (node_state_dir / "dp-ledgers").exists()
+
+
+def test_a_reproducible_dp_run_is_flagged_as_not_private_against_the_server(
+        tmp_path, tiny_bert_dir, toy_csv):
+    results = tmp_path / "run"
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "num-rounds": 1, "results-dir": str(results), "dp": True, "dp-delta": 1e-3,
+        "dp-reproducible": True})
+    records = simulate(config, num_clients=2, gpus_per_client=0.0)
+    assert records[1]["num_accepted"] == 2  # simulated nodes allow dp-reproducible
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["dp_private_against_server"] is False
+    assert json.loads((results / "config.json").read_text())["dp-reproducible"] is True

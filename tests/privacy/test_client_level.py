@@ -519,7 +519,7 @@ def test_build_strategy_passes_the_run_settings():
     mechanism = on.client_dp
     assert isinstance(mechanism, ClientLevelDP)
     assert (mechanism.noise_multiplier, mechanism.clip_norm, mechanism.delta,
-            mechanism.seed, mechanism.secure_seed) == (0.8, 0.25, 1e-6, 7, False)
+            mechanism.seed, mechanism.secure_seed) == (0.8, 0.25, 1e-6, 7, True)
     hetlora = build_strategy(RunSettings.from_run_config({"strategy": "hetlora",
                                                           "client-dp-noise": 1.0}))
     assert hetlora.weighting == "data-size"

@@ -367,3 +367,32 @@ def test_dp_training_lowers_the_loss(rt):
     assert result.steps == ledger.steps == 30
     assert 0 < result.epsilon == ledger.epsilon(1e-5) < float("inf")
     assert result.metrics()["dp-epsilon"] == result.epsilon
+
+
+def test_noise_and_sampling_come_from_os_entropy_unless_seeded(rt):
+    # The attacker (the server) knows every seed in the run config; without a seed of its
+    # own the round's noise and Poisson sample must not be reproducible from the settings.
+    data = rt.encoded_partition(0, 1)
+    settings = _steps(rt, local_steps=2)
+    dp = DPSettings(noise_multiplier=1.0)
+    start = _trainable(rt.model)
+
+    def run(**seed):
+        _restore(rt.model, start)
+        torch.manual_seed(7)  # dropout and anything else on torch's global stream: identical
+        train_local_dp(rt.model, rt.tokenizer, data, settings, dp=dp, ledger=PrivacyLedger(),
+                       device=rt.device, **seed)
+        return _trainable(rt.model)
+
+    first, second = run(), run()
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+    seeded, again = run(seed=11), run(seed=11)
+    assert all(torch.equal(seeded[n], again[n]) for n in seeded)
+
+    def sample(**seed):
+        loader = dp_data_loader(data, rt.tokenizer, settings, **seed)
+        generator = loader.generator
+        return torch.randint(0, 2**30, (8,), generator=generator).tolist()
+
+    assert sample() != sample()
+    assert sample(seed=3) == sample(seed=3)
