@@ -6,14 +6,18 @@ time from a generator, as ``server.replies.stream_replies`` yields them from the
 each is built only when pulled, like a message arriving off the wire.
 
 - streaming: ``LoraStrategy.aggregate_train`` folds each reply into a running sum and
-  drops it (fedlora's path);
+  drops it (fedlora's path with ``update-norm-bound=0``, ``update-min-cosine=-1`` and
+  ``aggregator=mean``);
+- bounded: the defaults (``update-norm-bound=10``, ``update-min-cosine=0``): the strategy
+  holds the round's decoded updates until all are in, because the screens are relative to
+  the round's median change (the replies themselves are still dropped as they arrive);
 - collecting: the replies are first gathered into a list (what ``Grid.send_and_receive``
   returns) and then aggregated.
 
 Peak memory is Python's ``tracemalloc`` peak (numpy buffers included) during the round,
 on top of what is allocated before it. Run with 5 and 50 clients; the JSON object has
 ``streaming_peak_ratio`` (peak at 50 clients / peak at 5; flat is 1.0) and the same for
-collecting.
+bounded and collecting.
 
     python bench/streaming_aggregation.py [--json] [--clients 5,50] [--layers 32]
 """
@@ -70,9 +74,14 @@ def replies(messages: list[Message], seed: int) -> Iterator[Message]:
         yield Message(content, reply_to=message)
 
 
-def one_round(clients: int, layers: int, collect: bool) -> dict[str, float]:
-    """Peak memory and time of configure + aggregate for one round of ``clients``."""
-    strategy = FedIT(lora_alpha=32.0, min_train_nodes=clients, min_available_nodes=clients)
+def one_round(clients: int, layers: int, collect: bool, bound: float = 0.0) -> dict[str, float]:
+    """Peak memory and time of configure + aggregate for one round of ``clients``.
+
+    ``bound``: the strategy's ``update-norm-bound`` (0 = off, with the direction screen
+    off too: the streaming path).
+    """
+    strategy = FedIT(lora_alpha=32.0, min_train_nodes=clients, min_available_nodes=clients,
+                     update_norm_bound=bound, update_min_cosine=0.0 if bound else -1.0)
     strategy.error_metric_max_bytes = 0  # the metric keeps factors; measured without it
     arrays = adapter_to_record(global_adapter(layers))
     gc.collect()
@@ -103,8 +112,9 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     update_mb = args.layers * 2 * 2 * HIDDEN * RANK * 4 / 2**20
     rows = {}
-    for path, collect in (("streaming", False), ("collecting", True)):
-        rows[path] = {n: one_round(n, args.layers, collect) for n in counts}
+    for path, collect, bound in (("streaming", False, 0.0), ("bounded", False, 10.0),
+                                 ("collecting", True, 0.0)):
+        rows[path] = {n: one_round(n, args.layers, collect, bound) for n in counts}
     low, high = min(counts), max(counts)
     out = {
         "update_mb": update_mb,
@@ -112,6 +122,8 @@ def main() -> None:
         "rounds": rows,
         "streaming_peak_ratio": rows["streaming"][high]["peak_mb"]
         / rows["streaming"][low]["peak_mb"],
+        "bounded_peak_ratio": rows["bounded"][high]["peak_mb"]
+        / rows["bounded"][low]["peak_mb"],
         "collecting_peak_ratio": rows["collecting"][high]["peak_mb"]
         / rows["collecting"][low]["peak_mb"],
     }
@@ -125,7 +137,8 @@ def main() -> None:
         for n, row in by_count.items():
             print(f"{path:<12}{n:>8}{row['peak_mb']:>10.1f}{row['seconds']:>9.2f}")
     print(f"peak at {high} / peak at {low} clients: streaming "
-          f"{out['streaming_peak_ratio']:.3f}, collecting {out['collecting_peak_ratio']:.3f}")
+          f"{out['streaming_peak_ratio']:.3f}, bounded {out['bounded_peak_ratio']:.3f}, "
+          f"collecting {out['collecting_peak_ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ class ExperimentSpec:
         hooks: a module that extends the sweep (empty: none). It may define
             ``simulate(run_config, *, num_clients, **options)`` to run each run (e.g. a
             simulation followed by an audit), ``report_sections(result) -> list[str]``
-            (markdown lines added to the report) and ``write_plots(result) -> list[Path]``.
+            (markdown lines added to the report) and ``write_plots(result) -> list[Path]``;
+            ``EXPERIMENT_KEYS``, run-config keys its ``simulate`` reads and removes itself
+            (they are not fedlora settings; see :meth:`settings_config`).
 
     Raises:
         ValueError: no variants, duplicate or unsafe variant names, a config that sets
@@ -136,6 +138,12 @@ class ExperimentSpec:
             "seed": seed,
             "results-dir": str(run_dir),
         }
+
+    def settings_config(self, variant: Variant, seed: int, run_dir: Path) -> dict[str, object]:
+        """:meth:`run_config` without the hooks' own keys: what fedlora parses as settings."""
+        own = set(self.hook("EXPERIMENT_KEYS") or ())
+        return {k: v for k, v in self.run_config(variant, seed, run_dir).items()
+                if k not in own}
 
     def group_of(self, variant: Variant) -> object | None:
         """The variant's value of the ``group_by`` key (None without grouping)."""

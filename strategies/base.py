@@ -8,6 +8,15 @@ Linear rules (FedIT and its relatives) keep only a running sum, so the server's 
 does not grow with the number of clients in a round; others collect the updates and
 call the strategy's pure aggregation function once the round's replies are in.
 
+Robust aggregation (:mod:`strategies.robust`, the ``robust`` settings) screens updates
+before they are aggregated: an update with a value above ``update-max-abs`` is rejected
+as it arrives; with ``update-norm-bound`` above 0 or a robust ``aggregator``, a
+:class:`RobustRound` holds the round's updates until all are in (the median change norm
+is not known before), rejects those whose change is above the bound, and then feeds the
+rest to the strategy's own aggregation: clipped (``norm-clip``), or as they are with the
+averaged tensors of the result replaced by their coordinate-wise median or trimmed mean.
+With ``update-norm-bound=0`` and ``aggregator=mean`` the round streams as before.
+
 Client-level DP (``privacy.client_level.ClientLevelDP``, given as ``client_dp``) wraps
 that aggregation: it clips each validated update, forces uniform weights and adds noise
 to the result. This package does not import ``privacy``: the server builds the mechanism
@@ -42,6 +51,25 @@ from flwr.supercore import log
 from strategies.adapter import LoraAdapter
 from strategies.instructions import ClientInstructions, ConfigValue
 from strategies.parts import ALL_PARTS, select_parts
+from strategies.robust import (
+    COORDINATE_WISE,
+    DEFAULT_MAX_ABS,
+    DEFAULT_MIN_COSINE,
+    DEFAULT_NORM_BOUND,
+    DEFAULT_TRIM_FRACTION,
+    MEAN,
+    NORM_CLIP,
+    RobustConfig,
+    capped_counts,
+    change_norm,
+    clip_factors,
+    combine,
+    max_abs,
+    median_direction_cosines,
+    norm_threshold,
+    pad_to,
+    scale_change,
+)
 from strategies.validation import (
     ClientUpdate,
     UpdateRejected,
@@ -84,12 +112,54 @@ class RoundStats:
     client_ranks: dict[int, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: per accepted node: the bytes it uploaded and its (train loss, example count)
+    node_bytes: dict[int, int] = field(default_factory=dict)
+    node_losses: dict[int, tuple[float, int]] = field(default_factory=dict)
+    _loss_sum: float = field(default=0.0, repr=False)
+    _loss_weight: float = field(default=0.0, repr=False)
 
     def reject(self, node_id: int, reason: str) -> None:
         """Count and log a rejected update."""
         self.rejected += 1
         self.rejections.append((node_id, reason))
         log(WARNING, "round %d: rejected update from node %d: %s", self.round, node_id, reason)
+
+    def accept(self, node_id: int, rank: int, nbytes: int, metrics: Mapping[str, float],
+               num_examples: int) -> None:
+        """Count a valid update: its rank, bytes, train loss and example-level epsilon."""
+        self.accepted += 1
+        self.client_ranks[node_id] = rank
+        self.node_bytes[node_id] = nbytes
+        self.bytes_up += nbytes
+        if "train-loss" in metrics:
+            self.node_losses[node_id] = (metrics["train-loss"], num_examples)
+            self._loss_sum += metrics["train-loss"] * num_examples
+            self._loss_weight += num_examples
+            self.train_loss = self._loss_sum / self._loss_weight
+        if "dp-epsilon" in metrics:  # cumulative example-level epsilon (DP-SGD)
+            epsilons = self.details.setdefault("client_epsilon", {})
+            epsilons[str(node_id)] = metrics["dp-epsilon"]
+            self.metrics["dp-epsilon-max"] = max(epsilons.values())
+
+    def withdraw(self, node_id: int, reason: str) -> None:
+        """Reject an update that was counted as valid (robust screening, once all are in)."""
+        self.accepted -= 1
+        self.client_ranks.pop(node_id, None)
+        self.bytes_up -= self.node_bytes.pop(node_id, 0)
+        if self.node_losses.pop(node_id, None) is not None:
+            self._update_train_loss()
+        epsilons = self.details.get("client_epsilon", {})
+        if epsilons.pop(str(node_id), None) is not None:
+            if epsilons:
+                self.metrics["dp-epsilon-max"] = max(epsilons.values())
+            else:
+                self.metrics.pop("dp-epsilon-max", None)
+        self.reject(node_id, reason)
+
+    def _update_train_loss(self) -> None:
+        self._loss_sum = sum(loss * n for loss, n in self.node_losses.values())
+        self._loss_weight = sum(n for _, n in self.node_losses.values())
+        self.train_loss = self._loss_sum / self._loss_weight if self._loss_weight else None
 
 
 class Aggregation(ABC):
@@ -165,6 +235,165 @@ class CollectedUpdates(Aggregation):
                                                 self.updates)
 
 
+class RobustRound(Aggregation):
+    """A round's robust screening and aggregation around the strategy's own aggregation.
+
+    Holds every accepted update until the round's replies are all in, because the
+    norm bound is relative to the round's median change norm, which is not known before;
+    the server's memory then grows with the updates per round, as for HetLoRA and
+    FlexLoRA (``update-norm-bound=0`` with ``aggregator=mean`` keeps the streaming path).
+
+    The change of an update is what the node sent minus what it was sent, one L2 norm
+    over all those tensors (:func:`strategies.robust.change_norm`): the factors (or the
+    one factor) and the head for FedIT and its relatives, the sparse deltas in SLoRA's
+    first stage, the node's own-rank factors for HetLoRA and FlexLoRA. For FlexLoRA, which
+    aggregates products, a bound on the factors' change also bounds the product's:
+    ``||B A - B0 A0|| <= ||dB|| ||A0|| + ||B0|| ||dA|| + ||dB|| ||dA||``.
+
+    :meth:`screen` rejects updates above the bound; :meth:`result` then feeds the rest
+    to the strategy's aggregation (its weights, metrics and bookkeeping, such as HetLoRA's
+    ranks, unchanged): with ``norm-clip`` each change clipped and the example counts
+    capped at the round's median; with ``median`` or ``trimmed-mean`` as they are, and the
+    tensors clients sent are then replaced in the result by their coordinate-wise
+    aggregate over the clients (unweighted; lower-rank factors zero-padded to the global
+    rank, as HetLoRA pads them). Parts clients do not send stay the strategy's. The
+    strategy's own round metrics then describe its mean, computed on the way (FedIT's
+    aggregation error is that of the mean, not of the median).
+    """
+
+    def __init__(self, strategy: LoraStrategy, inner: Aggregation, server_round: int) -> None:
+        self.strategy = strategy
+        self.config = strategy.robust
+        self.inner = inner
+        self.server_round = server_round
+        self.held: list[tuple[ClientUpdate, float]] = []
+        self.screened = False
+
+    @property
+    def stats(self) -> RoundStats:
+        """The round's stats (rejections are recorded there)."""
+        return self.strategy.history.setdefault(self.server_round,
+                                                RoundStats(round=self.server_round))
+
+    def add(self, update: ClientUpdate) -> None:
+        """Measure the update's change and keep it until the round is complete."""
+        norm = change_norm(update.state, self.strategy.sent_tensors(update.node_id))
+        self.held.append((update, norm))
+        self.count += 1
+
+    def screen(self) -> None:
+        """Reject the updates above the norm bound, then those against the median direction.
+
+        The direction screen runs on the updates the norm bound kept (so a huge update
+        cannot move the median it is judged by).
+        """
+        if self.screened:
+            return
+        self.screened = True
+        self._screen_norms()
+        self._screen_directions()
+
+    def _screen_directions(self) -> None:
+        """Reject the updates whose change has a cosine below ``update-min-cosine``."""
+        threshold = self.config.update_min_cosine
+        if threshold <= -1 or len(self.held) < 3:  # a median of two is their mean
+            return
+        references = [self.strategy.sent_tensors(u.node_id) for u, _ in self.held]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for reference in references:
+            for key, value in reference.items():
+                old = shapes.get(key, tuple(value.shape))
+                shapes[key] = tuple(max(a, b) for a, b in zip(old, value.shape, strict=True))
+        cosines = median_direction_cosines([u.state for u, _ in self.held], references,
+                                           shapes)
+        stats = self.stats
+        stats.details["update_cosines"] = {str(u.node_id): c
+                                           for (u, _), c in zip(self.held, cosines, strict=True)}
+        kept = []
+        for (update, norm), cosine in zip(self.held, cosines, strict=True):
+            if cosine < threshold:
+                stats.withdraw(update.node_id, (
+                    f"update direction: cosine {cosine:.3f} with the round's median change "
+                    f"is below update-min-cosine {threshold:g}"))
+            else:
+                kept.append((update, norm))
+        self.held = kept
+        self.count = len(kept)
+
+    def _screen_norms(self) -> None:
+        """Reject the updates whose change norm exceeds ``update-norm-bound`` x the median."""
+        norms = [n for _, n in self.held]
+        stats = self.stats
+        stats.details["update_norms"] = {str(u.node_id): n for u, n in self.held}
+        if not norms:
+            return
+        median = float(np.median(norms))
+        stats.metrics["update-norm-median"] = median
+        limit = norm_threshold(norms, self.config.update_norm_bound)
+        if limit is None:
+            return
+        kept = []
+        for update, norm in self.held:
+            if norm > limit:
+                stats.withdraw(update.node_id, (
+                    f"update norm {norm:.4g} exceeds update-norm-bound "
+                    f"{self.config.update_norm_bound:g} x the round's median update norm "
+                    f"{median:.4g} (= {limit:.4g})"))
+            else:
+                kept.append((update, norm))
+        self.held = kept
+        self.count = len(kept)
+
+    def result(self) -> LoraAdapter:
+        """The strategy's aggregate of the screened updates, under the robust aggregator."""
+        self.screen()
+        if not self.held:
+            raise ValueError("an aggregate needs at least one update")
+        if self.config.aggregator == NORM_CLIP:
+            self._feed_clipped()
+        else:
+            for update, _ in self.held:
+                self.inner.add(update)
+        aggregate = self.inner.result()
+        if self.config.aggregator in COORDINATE_WISE:
+            aggregate = self._coordinate_wise(aggregate)
+        return aggregate
+
+    def _feed_clipped(self) -> None:
+        """Clip each change to ``clip-norm`` (or the median norm); cap the example counts."""
+        updates = [u for u, _ in self.held]
+        norms = [n for _, n in self.held]
+        limit = self.config.clip_norm or float(np.median(norms))
+        factors = clip_factors(norms, limit)
+        counts = capped_counts([u.num_examples for u in updates])
+        for update, factor, count in zip(updates, factors, counts, strict=True):
+            state, adapter = update.state, update.adapter
+            if factor < 1.0 and adapter is not None:
+                state = scale_change(update.state, self.strategy.sent_tensors(update.node_id),
+                                     factor)
+                adapter = type(adapter).from_state_dict({**adapter.to_state_dict(), **state},
+                                                        adapter.alpha)
+            self.inner.add(dataclasses.replace(update, state=state, adapter=adapter,
+                                               num_examples=count))
+        stats = self.stats
+        stats.metrics["robust-clip-norm"] = limit
+        stats.metrics["robust-clipped-fraction"] = sum(f < 1.0 for f in factors) / len(factors)
+
+    def _coordinate_wise(self, aggregate: LoraAdapter) -> LoraAdapter:
+        """``aggregate`` with every tensor clients sent replaced by its robust combination."""
+        state = aggregate.to_state_dict()
+        updates = [u for u, _ in self.held]
+        keys = dict.fromkeys(k for u in updates for k in u.state)
+        for key in keys:
+            if key not in state:
+                raise ValueError(f"the aggregate has no tensor '{key}' to replace")
+            shape = tuple(state[key].shape)
+            combined = combine([pad_to(u.state[key], shape) for u in updates if key in u.state],
+                               self.config.aggregator, self.config.trim_fraction)
+            state[key] = combined.astype(state[key].dtype)
+        return LoraAdapter.from_state_dict(state, aggregate.alpha)
+
+
 @dataclass(frozen=True)
 class Payload:
     """What one node receives: its adapter, the parts of it that travel, its instructions."""
@@ -190,6 +419,11 @@ class LoraStrategy(FedAvg):
             nodes sent a valid update; otherwise it is abandoned (global unchanged).
         client_dp: client-level DP around every round's aggregation (None = off); refused
             by strategies whose rule is not linear in the factors (``client_dp_refusal``).
+        aggregator, trim_fraction, clip_norm, update_norm_bound, update_max_abs,
+            update_min_cosine: robust
+            aggregation (:class:`strategies.robust.RobustConfig`). Under client-level DP
+            only ``aggregator="mean"`` is accepted and the relative norm bound is not
+            applied (the DP clip bounds every update; see :meth:`check_robust`).
 
     """
 
@@ -203,6 +437,8 @@ class LoraStrategy(FedAvg):
     exact_rank: ClassVar[bool] = True
     #: why client-level DP cannot wrap this strategy's aggregation ("" = it can)
     client_dp_refusal: ClassVar[str] = ""
+    #: why the coordinate-wise aggregators (median, trimmed-mean) do not fit this strategy
+    coordinate_wise_refusal: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -217,7 +453,18 @@ class LoraStrategy(FedAvg):
         seed: int = 0,
         min_reply_fraction: float = 0.0,
         client_dp: ClientDP | None = None,
+        aggregator: str = MEAN,
+        trim_fraction: float = DEFAULT_TRIM_FRACTION,
+        clip_norm: float = 0.0,
+        update_norm_bound: float = DEFAULT_NORM_BOUND,
+        update_max_abs: float = DEFAULT_MAX_ABS,
+        update_min_cosine: float = DEFAULT_MIN_COSINE,
     ) -> None:
+        robust = RobustConfig(aggregator=aggregator, trim_fraction=trim_fraction,
+                              clip_norm=clip_norm, update_norm_bound=update_norm_bound,
+                              update_max_abs=update_max_abs,
+                              update_min_cosine=update_min_cosine)
+        self.check_robust(robust, client_dp=client_dp is not None)
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")
         if not 0.0 <= min_reply_fraction <= 1.0:
@@ -251,6 +498,7 @@ class LoraStrategy(FedAvg):
         self.max_num_examples = max_num_examples
         self.min_reply_fraction = min_reply_fraction
         self.client_dp = client_dp
+        self.robust = robust
         self.history: dict[int, RoundStats] = {}
         self._rng = random.Random(seed)
         self._specs: dict[int, UpdateSpec] = {}
@@ -259,6 +507,29 @@ class LoraStrategy(FedAvg):
         self._available = 0
 
     # ------------------------------------------------------------------ hooks
+
+    @classmethod
+    def check_robust(cls, robust: RobustConfig, *, client_dp: bool) -> None:
+        """Refuse robust settings this strategy (or client-level DP) cannot honour.
+
+        Raises:
+            ValueError: a coordinate-wise aggregator for a strategy that refuses it
+                (``coordinate_wise_refusal``), or any aggregator but ``mean`` under
+                client-level DP: its noise is calibrated to a uniform mean of updates
+                clipped to ``client-dp-clip``, and a median, a trimmed mean or a second,
+                data-dependent clip has another sensitivity.
+
+        """
+        if robust.aggregator in COORDINATE_WISE and cls.coordinate_wise_refusal:
+            raise ValueError(f"{cls.name} does not support aggregator={robust.aggregator}: "
+                             f"{cls.coordinate_wise_refusal}")
+        if client_dp and robust.aggregator != MEAN:
+            raise ValueError(
+                f"aggregator={robust.aggregator} does not compose with client-level DP "
+                "(client-dp-noise above 0): DP's noise is calibrated to the uniform mean of "
+                "updates clipped to client-dp-clip, which already bounds every client's "
+                "influence; a median, trimmed mean or second clip changes that sensitivity. "
+                "Use aggregator=mean with client-level DP, or client-dp-noise=0")
 
     @classmethod
     def options_from(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,8 +624,15 @@ class LoraStrategy(FedAvg):
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "\t├──> LoRA strategy: %s (alpha %s)", self.name, self.lora_alpha)
+        log(INFO, "\t├──> %s", self.robust.describe())
         if self.client_dp is not None:
             log(INFO, "\t├──> %s", self.client_dp.describe())
+            if self.robust.update_norm_bound > 0 or self.robust.update_min_cosine > -1:
+                log(INFO, "\t├──> update-norm-bound and update-min-cosine not applied: "
+                    "client-level DP clips every "
+                    "update to client-dp-clip; a screen relative to the round's median would "
+                    "make one client's inclusion depend on the others' updates, which the DP "
+                    "accounting does not cover")
         super().summary()
 
     def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -406,12 +684,12 @@ class LoraStrategy(FedAvg):
         """Validate replies as they arrive; count and log failures and rejections.
 
         Yields each valid update once; the caller folds it in and drops it, so no more
-        than one reply is held at a time. Train loss and client epsilons are kept in
-        the round's stats as running figures.
+        than one reply is held at a time. An update with a value above ``update-max-abs``
+        is rejected here, with the other validation rules. Train loss and client
+        epsilons are kept in the round's stats as running figures.
         """
         stats = self.history.setdefault(server_round, RoundStats(round=server_round))
         seen: set[int] = set()
-        loss_sum = loss_weight = 0.0
         for message in replies:
             node_id = message.metadata.src_node_id
             if message.has_error():
@@ -426,6 +704,7 @@ class LoraStrategy(FedAvg):
                 if node_id in seen:
                     raise UpdateRejected("second reply from the same node in this round")
                 update = validate_update(message.content, spec, node_id=node_id)
+                self.check_magnitude(update)
                 update.adapter = LoraAdapter.from_state_dict(
                     {**self._payloads[node_id].adapter.to_state_dict(), **update.state},
                     self._payloads[node_id].instructions.alpha,
@@ -437,17 +716,9 @@ class LoraStrategy(FedAvg):
                 stats.reject(node_id, f"malformed reply ({type(exc).__name__}: {exc})")
                 continue
             seen.add(node_id)
-            stats.accepted += 1
-            stats.client_ranks[node_id] = update.adapter.max_rank
-            stats.bytes_up += record_nbytes(message.content.array_records[ARRAYS_KEY])
-            if "train-loss" in update.metrics:
-                loss_sum += update.metrics["train-loss"] * update.num_examples
-                loss_weight += update.num_examples
-                stats.train_loss = loss_sum / loss_weight
-            if "dp-epsilon" in update.metrics:  # cumulative example-level epsilon (DP-SGD)
-                epsilons = stats.details.setdefault("client_epsilon", {})
-                epsilons[str(node_id)] = update.metrics["dp-epsilon"]
-                stats.metrics["dp-epsilon-max"] = max(epsilons.values())
+            stats.accept(node_id, update.adapter.max_rank,
+                         record_nbytes(message.content.array_records[ARRAYS_KEY]),
+                         update.metrics, update.num_examples)
             del message
             yield update
         missing = stats.sampled - stats.accepted - stats.rejected - stats.failed
@@ -470,15 +741,20 @@ class LoraStrategy(FedAvg):
         stats = self.history.setdefault(server_round, RoundStats(round=server_round))
         aggregation: Aggregation | PrivateAggregation = self.start_aggregation(
             server_round, self._global)
+        robust: RobustRound | None = None
         private: PrivateAggregation | None = None
         if self.client_dp is not None:
             private = aggregation = self.client_dp.wrap(
                 aggregation, server_round=server_round, sampled=max(stats.sampled, 1),
                 available=max(stats.available, stats.sampled, 1), reference=self.sent_tensors)
             stats.metrics.update(private.metrics)
+        elif self.robust.holds_round:
+            robust = aggregation = RobustRound(self, aggregation, server_round)
         try:
             for update in self.collect_updates(server_round, replies):
                 aggregation.add(update)
+            if robust is not None:
+                robust.screen()
         except ValueError as exc:
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
         log(INFO, "round %d: %d accepted, %d rejected, %d failed", server_round,
@@ -499,8 +775,29 @@ class LoraStrategy(FedAvg):
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
         if private is not None:
             stats.metrics.update(private.metrics)
+        not_finite = [k for k, v in new_global.items() if not np.isfinite(v).all()]
+        if not_finite:  # cannot happen with update-max-abs on; never publish it anyway
+            log(WARNING, "round %d abandoned: the aggregate is not finite in %s; the global "
+                "adapter is unchanged (keep update-max-abs above 0)", server_round,
+                not_finite[:3])
+            stats.metrics["abandoned"] = 1.0
+            return None, self.round_metrics(stats)
         self._global = new_global
         return adapter_to_record(new_global), self.round_metrics(stats)
+
+    def check_magnitude(self, update: ClientUpdate) -> None:
+        """Reject an update holding a value above ``update-max-abs`` in magnitude.
+
+        Raises:
+            UpdateRejected: naming the tensor, the value and the setting.
+
+        """
+        cap = self.robust.update_max_abs
+        if cap > 0:
+            key, largest = max_abs(update.state)
+            if largest > cap:
+                raise UpdateRejected(f"{key}: a value of magnitude {largest:.4g} exceeds "
+                                     f"update-max-abs {cap:g}")
 
     def sent_tensors(self, node_id: int) -> dict[str, np.ndarray]:
         """The tensors node ``node_id`` was sent this round, for the parts it sends back."""

@@ -65,6 +65,13 @@ class FlexLoRA(HeteroRankStrategy):
         "not linear in the factors, so clipping a client's factors does not bound its effect "
         "on the aggregate and noise on the factors is not the Gaussian mechanism; use hetlora "
         "(heterogeneous ranks) or fedit with client-level DP")
+    coordinate_wise_refusal = (
+        "it sums the clients' products s B_k A_k and re-factors the sum by SVD; a "
+        "coordinate-wise median or trimmed mean of the factors is not a robust version of "
+        "that sum (a product's coordinates mix every factor coordinate), and one of the "
+        "products would need the dense d x k matrices the factored SVD avoids. Use "
+        "aggregator=norm-clip or mean (with update-norm-bound) for flexlora, or hetlora "
+        "with median / trimmed-mean")
 
     def __init__(self, *, split: str = "B", **kwargs: Any) -> None:
         if split not in SPLIT_MODES:
