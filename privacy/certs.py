@@ -43,8 +43,30 @@ What the installed Flower 1.42 expects (read from its source and ``--help``):
   ``[superlink.<name>]`` with ``address = "HOST:PORT"`` (the same port: the Control API
   shares it) and ``root-certificates = "<path to CA PEM>"``; ``flwr run . <name>``.
 
+* **App bundles are not signed.** ``flower-supernode --trusted-entities <yaml>`` makes a
+  SuperNode refuse every FAB without a verification record signed by one of the listed
+  Ed25519 keys (``flwr.supernode.start_client_internal._pull_and_store_message`` and
+  ``_verify_fab``), but those records only ever come from Flower Hub: the Control API's
+  ``start_run`` (``flwr.superlink.servicer.control.control_handlers``) stores a FAB
+  uploaded by ``flwr run .`` with empty ``verifications`` (whatever the request carries),
+  and only ``_get_remote_fab`` (``POST $FLWR_SUPERGRID_API_URL/hub/fetch-fab``) fills
+  them; ``flwr app review`` signs a Hub app and submits the signature to Flower Hub. So a
+  SuperNode with trusted entities refuses every ``flwr run .`` of this repository, and
+  one without them runs any FAB the SuperLink hands it. What reaches the SuperLink's port
+  can therefore start code on every SuperNode (the Control API has no authentication
+  without Flower's enterprise OIDC plugin): publish the port only to the SuperNodes.
+
+Beside the transport material, ``fedlora certs`` writes what fedlora's own payload layer
+(:mod:`privacy.flower`) needs: the ServerApp's long-term X25519 key
+(``server-payload.key``, run config ``server-key-file``) and its fingerprint
+(``server-payload.pin``, what each node pins: node config ``server-pin-file`` or
+``server-key-pin``), one Ed25519 key per node that signs its handshakes
+(``client-<i>.key``, node config ``client-key-file``) and the list of those public keys
+the ServerApp admits (``allowed-clients.txt``, run config ``client-keys-file``).
+
 Files written (see :class:`DeploymentMaterial`): ``ca.crt``, ``ca.key``, ``server.crt``,
-``server.key``, ``supernode-<i>.key`` and ``supernode-<i>.pub``. Private keys are
+``server.key``, ``server-payload.key``, ``server-payload.pin``, ``allowed-clients.txt``,
+``supernode-<i>.key``, ``supernode-<i>.pub`` and ``client-<i>.key``. Private keys are
 created with mode 0600 (never readable by others, even for a moment) and every file is
 written atomically (temporary file in the same folder, then ``os.replace``). The CA and
 server keys are ECDSA P-384 certificates signed with SHA-384.
@@ -65,7 +87,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy.client_keys import ClientIdentity, write_allowed_clients
 from privacy.files import write_atomic
+from privacy.keys import ServerIdentity
 
 PRIVATE_KEY_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
@@ -75,6 +99,21 @@ _LOOPBACK_NAMES = (*LOOPBACK_HOSTS, "::1")
 DEFAULT_SUPERLINK_PORT = 8000
 DEFAULT_SUPERNODE_RUNTIME_PORT = 9094
 DEFAULT_CONNECTION = "fedlora"
+DEFAULT_MAX_LORA_RANK = 16
+DEFAULT_DP_MAX_EPSILON = 10.0  # client.policy.DEFAULT_MAX_EPSILON, stated explicitly
+
+#: node-config keys (``--node-config``) of the ClientApp that the usage text sets
+#: (privacy.flower, client.dp, client.ranks read them; tests check the names agree)
+NODE_CLIENT_KEY_FILE = "client-key-file"
+NODE_SERVER_KEY_PIN = "server-key-pin"
+NODE_SERVER_PIN_FILE = "server-pin-file"
+NODE_REQUIRE_ENCRYPTION = "require-encryption"
+NODE_DP_LEDGER_FILE = "dp-ledger-file"
+NODE_MAX_LORA_RANK = "max-lora-rank"
+NODE_DP_MAX_EPSILON = "dp-max-epsilon"
+#: run-config keys (``flwr run --run-config``) of the ServerApp (server.run reads them)
+RUN_SERVER_KEY_FILE = "server-key-file"
+RUN_CLIENT_KEYS_FILE = "client-keys-file"
 
 # Validity starts a little in the past, so that a peer whose clock is slightly behind
 # does not reject a certificate issued a moment ago.
@@ -342,6 +381,15 @@ class DeploymentMaterial:
         node_public_keys: ``supernode-<i>.pub``, OpenSSH public keys, given to
             ``flwr supernode register``.
         hosts: the names the server certificate is valid for, in order.
+        server_payload_key: ``server-payload.key``, the ServerApp's long-term X25519
+            payload key (PKCS#8 PEM, 0600), run config ``server-key-file``.
+        server_payload_pin: ``server-payload.pin``, that key's SHA-256 fingerprint (one
+            line of hex): what every node pins (node config ``server-pin-file`` pointing
+            at a copy, or ``server-key-pin=<fingerprint>``).
+        client_keys: ``client-<i>.key``, node ``i``'s Ed25519 key that signs its payload
+            handshakes (PKCS#8 PEM, 0600), node config ``client-key-file``.
+        allowed_clients: ``allowed-clients.txt``, the public halves of ``client_keys``
+            (``ed25519:<hex> fedlora-client-<i>`` lines), run config ``client-keys-file``.
 
     """
 
@@ -353,6 +401,10 @@ class DeploymentMaterial:
     node_keys: tuple[Path, ...]
     node_public_keys: tuple[Path, ...]
     hosts: tuple[str, ...]
+    server_payload_key: Path
+    server_payload_pin: Path
+    client_keys: tuple[Path, ...]
+    allowed_clients: Path
 
     @classmethod
     def in_folder(cls, folder: Path, *, num_nodes: int,
@@ -365,6 +417,10 @@ class DeploymentMaterial:
             node_keys=tuple(folder / f"supernode-{i}.key" for i in range(num_nodes)),
             node_public_keys=tuple(folder / f"supernode-{i}.pub" for i in range(num_nodes)),
             hosts=tuple(hosts),
+            server_payload_key=folder / "server-payload.key",
+            server_payload_pin=folder / "server-payload.pin",
+            client_keys=tuple(folder / f"client-{i}.key" for i in range(num_nodes)),
+            allowed_clients=folder / "allowed-clients.txt",
         )
 
     @property
@@ -375,27 +431,44 @@ class DeploymentMaterial:
     @property
     def private_files(self) -> tuple[Path, ...]:
         """The files that must stay secret (mode 0600)."""
-        return (self.ca_key, self.server_key, *self.node_keys)
+        return (self.ca_key, self.server_key, self.server_payload_key, *self.node_keys,
+                *self.client_keys)
+
+    @property
+    def server_files(self) -> tuple[Path, ...]:
+        """What the SuperLink's host needs (the ServerApp runs there): never ``ca.key``."""
+        return (self.ca_cert, self.server_cert, self.server_key, self.server_payload_key,
+                self.allowed_clients)
+
+    def node_files(self, i: int) -> tuple[Path, ...]:
+        """What node ``i``'s host needs, and nothing else of the folder."""
+        return (self.ca_cert, self.node_keys[i], self.client_keys[i], self.server_payload_pin)
 
     @property
     def files(self) -> tuple[Path, ...]:
         """Every file, in the order they are listed to the operator."""
-        nodes = [p for pair in zip(self.node_keys, self.node_public_keys, strict=True)
-                 for p in pair]
-        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key, *nodes)
+        nodes = [p for triple in zip(self.node_keys, self.node_public_keys, self.client_keys,
+                                     strict=True) for p in triple]
+        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key,
+                self.server_payload_key, self.server_payload_pin, self.allowed_clients, *nodes)
+
+    def server_fingerprint(self) -> str:
+        """The payload key's fingerprint, as ``server-payload.pin`` holds it."""
+        return self.server_payload_pin.read_text().strip()
 
 
 def write_deployment_material(folder: Path, *, hosts: Sequence[str], num_nodes: int,
                               days: int = 365, overwrite: bool = False,
                               include_loopback: bool = True) -> DeploymentMaterial:
-    """Generate and write a deployment's CA, SuperLink certificate and SuperNode keys.
+    """Generate and write a deployment's CA, certificates, SuperNode keys and payload keys.
 
     Args:
         folder: where to write (created, mode 0700, when missing).
         hosts: the SuperLink's DNS names and IP addresses as SuperNodes and the ``flwr``
             CLI reach it; ``localhost`` and ``127.0.0.1`` are added unless
             ``include_loopback`` is false.
-        num_nodes: how many SuperNode key pairs (``supernode-0`` ... ``supernode-<n-1>``).
+        num_nodes: how many nodes (``supernode-0`` ... ``supernode-<n-1>``): each gets a
+            SuperNode key pair and a payload signing key (``client-<i>.key``).
         days: validity of the CA and the server certificate.
         overwrite: replace existing material; otherwise nothing is written if any of the
             files exists.
@@ -425,16 +498,25 @@ def write_deployment_material(folder: Path, *, hosts: Sequence[str], num_nodes: 
     ca_key, ca_cert = generate_ca(days=days)
     server_key, server_cert = generate_server_cert(ca_key, ca_cert, hosts=names, days=days,
                                                    include_loopback=include_loopback)
+    payload_key = ServerIdentity.generate()
+    clients = [ClientIdentity.generate() for _ in range(num_nodes)]
     write_atomic(material.ca_key, _pem_private_key(ca_key), PRIVATE_KEY_MODE)
     write_atomic(material.ca_cert, _pem_cert(ca_cert), PUBLIC_FILE_MODE)
     write_atomic(material.server_key, _pem_private_key(server_key), PRIVATE_KEY_MODE)
     write_atomic(material.server_cert, _pem_cert(server_cert), PUBLIC_FILE_MODE)
+    payload_key.save(material.server_payload_key, overwrite=True)
+    write_atomic(material.server_payload_pin, (payload_key.fingerprint() + "\n").encode(),
+                 PUBLIC_FILE_MODE)
     for i, (private_key, public_key) in enumerate(node_pairs):
         write_atomic(material.node_keys[i], node_private_key_bytes(private_key),
                       PRIVATE_KEY_MODE)
         write_atomic(material.node_public_keys[i],
                       node_public_key_bytes(public_key, f"fedlora-supernode-{i}"),
                       PUBLIC_FILE_MODE)
+        clients[i].save(material.client_keys[i], overwrite=True)
+    write_allowed_clients(material.allowed_clients,
+                          [(c.public_key_bytes, f"fedlora-client-{i}")
+                           for i, c in enumerate(clients)])
     _fsync_folder(material.folder)
     return material
 
@@ -451,14 +533,64 @@ def _superlink_host(hosts: Sequence[str]) -> str:
     return "127.0.0.1" if "127.0.0.1" in hosts or not hosts else hosts[0]
 
 
+def _quoted(value: object) -> str:
+    """A string node/run-config value, single-quoted (Flower parses values as TOML)."""
+    text = str(value)
+    if "'" in text or "\n" in text:
+        raise ValueError(f"{text!r}: a config value cannot hold a single quote or a newline")
+    return f"'{text}'"
+
+
+def node_config_text(material: DeploymentMaterial, i: int, *,
+                     dp_ledger_file: str | None = None,
+                     max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> str:
+    """Node ``i``'s ``--node-config``: its partition and the settings that protect it.
+
+    ``client-key-file`` (its handshake signing key), ``server-key-pin`` (the payload key's
+    fingerprint), ``require-encryption=true``, ``dp-ledger-file`` (its DP ledger, kept
+    across runs; default ``~/.local/state/fedlora/supernode-<i>/dp-ledger.json``),
+    ``max-lora-rank`` and ``dp-max-epsilon`` (the node's cap on its cumulative epsilon,
+    stated although it is the default, so that the operator sees it).
+
+    Raises:
+        ValueError: ``max_lora_rank`` is not a positive integer, or a path holds a quote.
+
+    """
+    if isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int) or \
+            max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be an integer >= 1, got {max_lora_rank!r}")
+    try:
+        pin = material.server_fingerprint()
+    except OSError:
+        pin = "<fingerprint in server-payload.pin>"
+    ledger = dp_ledger_file or f"~/.local/state/fedlora/supernode-{i}/dp-ledger.json"
+    return " ".join([
+        f"partition-id={i} num-partitions={material.num_nodes}",
+        f"{NODE_CLIENT_KEY_FILE}={_quoted(material.client_keys[i])}",
+        f"{NODE_SERVER_KEY_PIN}={_quoted(pin)}",
+        f"{NODE_REQUIRE_ENCRYPTION}=true",
+        f"{NODE_DP_LEDGER_FILE}={_quoted(ledger)}",
+        f"{NODE_MAX_LORA_RANK}={max_lora_rank}",
+        f"{NODE_DP_MAX_EPSILON}={DEFAULT_DP_MAX_EPSILON:g}",
+    ])
+
+
+def run_config_text(material: DeploymentMaterial) -> str:
+    """The ``--run-config`` that gives the ServerApp its payload key and admitted clients."""
+    return (f"{RUN_SERVER_KEY_FILE}={_quoted(material.server_payload_key)} "
+            f"{RUN_CLIENT_KEYS_FILE}={_quoted(material.allowed_clients)}")
+
+
 def usage_text(material: DeploymentMaterial, *, port: int = DEFAULT_SUPERLINK_PORT,
-               connection: str = DEFAULT_CONNECTION) -> str:
+               connection: str = DEFAULT_CONNECTION,
+               max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> str:
     """How to start a TLS, authenticated Flower 1.42 deployment of fedlora with ``material``.
 
     Args:
         material: what :func:`write_deployment_material` wrote.
         port: the SuperLink's port (Fleet, Control and Runtime APIs share it).
         connection: the name of the ``flwr`` CLI connection in ``~/.flwr/config.toml``.
+        max_lora_rank: the rank cap each node declares (``max-lora-rank``).
 
     Returns:
         Text listing every file and the commands, in the order to run them.
@@ -469,6 +601,10 @@ def usage_text(material: DeploymentMaterial, *, port: int = DEFAULT_SUPERLINK_PO
     bind = {"::1": "::1"}.get(host, "127.0.0.1") if host in _LOOPBACK_NAMES else "0.0.0.0"
     n = material.num_nodes
     width = max(len(p.name) for p in material.files)
+    try:
+        pin = material.server_fingerprint()
+    except OSError:
+        pin = "(not written)"
     lines = [
         f"Deployment material in {material.folder}",
         "",
@@ -480,14 +616,27 @@ def usage_text(material: DeploymentMaterial, *, port: int = DEFAULT_SUPERLINK_PO
         + ", ".join(material.hosts),
         f"  {material.server_key.name:<{width}}  SuperLink TLS private key (0600): SuperLink "
         "host only",
+        f"  {material.server_payload_key.name:<{width}}  ServerApp payload key (X25519, 0600): "
+        "SuperLink host only",
+        f"  {material.server_payload_pin.name:<{width}}  its fingerprint, which every node "
+        f"pins: {pin}",
+        f"  {material.allowed_clients.name:<{width}}  the node keys the ServerApp admits "
+        "(client-<i>.key's public halves)",
     ]
-    for i, (key, pub) in enumerate(zip(material.node_keys, material.node_public_keys,
-                                       strict=True)):
+    for i, (key, pub, client) in enumerate(zip(material.node_keys, material.node_public_keys,
+                                               material.client_keys, strict=True)):
         lines.append(f"  {key.name:<{width}}  SuperNode {i} private key (ECDSA P-384, "
                      f"OpenSSH, 0600): node {i} only")
         lines.append(f"  {pub.name:<{width}}  SuperNode {i} public key (OpenSSH): to "
                      "register it")
+        lines.append(f"  {client.name:<{width}}  node {i} payload signing key (Ed25519, "
+                     f"0600): node {i} only")
     lines += [
+        "",
+        "The SuperLink host needs " + ", ".join(p.name for p in material.server_files[:-1])
+        + " and",
+        f"{material.server_files[-1].name}; node i only ca.crt, supernode-<i>.key, "
+        "client-<i>.key and server-payload.pin.",
         "",
         "1. Start the SuperLink with TLS and SuperNode authentication:",
         "",
@@ -503,6 +652,12 @@ def usage_text(material: DeploymentMaterial, *, port: int = DEFAULT_SUPERLINK_PO
         "   last flag stops Flower from installing the app's dependencies per run, which",
         "   would pull an unpinned torch: install with constraints.txt beforehand)",
         "",
+        f"   Port {port} also serves Flower's Control API, which has no authentication in",
+        "   Flower 1.42 (only the enterprise OIDC plugin adds it), and SuperNodes run any app",
+        "   bundle they are handed: whoever reaches this port can run code on the SuperLink",
+        "   and on every SuperNode. Let only the SuperNodes and operators reach it",
+        "   (firewall); operators elsewhere can use an SSH tunnel to the SuperLink host.",
+        "",
         "2. Add the SuperLink to the flwr CLI: in ~/.flwr/config.toml (or "
         "$FLWR_HOME/config.toml)",
         "",
@@ -516,27 +671,36 @@ def usage_text(material: DeploymentMaterial, *, port: int = DEFAULT_SUPERLINK_PO
         lines += [f"   flwr supernode register {pub} {connection}"
                   for pub in material.node_public_keys]
         lines += [f"   flwr supernode list {connection}", ""]
-        lines += ["4. Start each SuperNode on its machine, with a copy of "
-                  f"{material.ca_cert.name} and its own key", "   there (adjust the paths):",
-                  ""]
+        lines += ["4. Start each SuperNode on its machine, with copies of its files there "
+                  "(adjust the", "   paths):", ""]
         for i, key in enumerate(material.node_keys):
+            config = node_config_text(material, i, max_lora_rank=max_lora_rank)
             lines += [
                 "   flower-supernode \\",
                 f"       --superlink {address} \\",
                 f"       --root-certificates {material.ca_cert} \\",
                 f"       --auth-supernode-private-key {key} \\",
-                f'       --node-config "partition-id={i} num-partitions={n}" \\',
+                f'       --node-config "{config}" \\',
                 f"       --port {DEFAULT_SUPERNODE_RUNTIME_PORT + i}",
                 "",
             ]
-        lines += ["   (--port is the SuperNode's local Runtime API on 127.0.0.1; distinct "
-                  "ports let", "   several SuperNodes share one machine)", ""]
+        lines += [
+            "   (--port is the SuperNode's local Runtime API on 127.0.0.1; distinct ports let",
+            "   several SuperNodes share one machine. The node config: client-key-file signs",
+            "   the node's payload handshakes; server-key-pin is the ServerApp's key the node",
+            "   accepts (or server-pin-file=<copy of server-payload.pin>); require-encryption",
+            "   refuses plaintext payloads; dp-ledger-file keeps the node's DP spending across",
+            "   runs; max-lora-rank caps the rank the server may ask of it; dp-max-epsilon caps",
+            "   its cumulative epsilon (client/policy.py lists the node's other bounds).)",
+            "",
+        ]
     else:
         lines += ["3./4. No SuperNode keys were generated (--nodes 0): write some with "
                   "fedlora certs --nodes N.", ""]
     lines += [
-        "5. Run fedlora on the deployment, from the project folder:",
+        "5. Run fedlora on the deployment, from the project folder (the ServerApp runs on the",
+        "   SuperLink host and reads these files there):",
         "",
-        f"   flwr run . {connection} --stream",
+        f'   flwr run . {connection} --stream --run-config "{run_config_text(material)}"',
     ]
     return "\n".join(lines) + "\n"

@@ -113,17 +113,23 @@ def _add_experiment(sub: Any) -> None:
 def _add_certs(sub: Any) -> None:
     p = sub.add_parser(
         "certs",
-        help="write TLS certificates and SuperNode keys for a Flower deployment",
+        help="write TLS certificates, SuperNode keys and payload keys for a deployment",
         description="Generate a CA, the SuperLink's TLS certificate and one authentication "
-        "key pair per SuperNode (the formats Flower 1.42 expects) into a folder, and print "
-        "the commands that use them.",
+        "key pair per SuperNode (the formats Flower 1.42 expects), plus the payload layer's "
+        "keys: the ServerApp's X25519 key (server-payload.key) and its fingerprint "
+        "(server-payload.pin), one Ed25519 signing key per node (client-<i>.key) and the "
+        "list the ServerApp admits (allowed-clients.txt), into a folder; print the commands "
+        "and node/run configs that use them.",
     )
     p.add_argument("--out", default="deploy/certs", help="folder to write into")
     p.add_argument("--hosts", default="localhost,127.0.0.1",
                    help="comma-separated DNS names / IP addresses of the SuperLink "
                    "(localhost and 127.0.0.1 are always included)")
-    p.add_argument("--nodes", type=int, default=2, help="number of SuperNode key pairs")
+    p.add_argument("--nodes", type=int, default=2,
+                   help="number of nodes (a SuperNode key pair and a client key each)")
     p.add_argument("--days", type=int, default=365, help="certificate validity in days")
+    p.add_argument("--max-lora-rank", type=int, default=16,
+                   help="the LoRA rank cap the printed node configs declare (max-lora-rank)")
     p.add_argument("--overwrite", action="store_true", help="replace existing material")
     p.set_defaults(func=_run_certs)
 
@@ -240,7 +246,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else list(spec.seeds)
     results_dir = args.results_dir or f"results/{spec.name}"
     for variant in spec.variants:  # fail early, before any run, on a bad setting
-        RunSettings.from_run_config(spec.run_config(variant, seeds[0], Path(results_dir)))
+        RunSettings.from_run_config(spec.settings_config(variant, seeds[0], Path(results_dir)))
     result = run_experiment(
         spec, seeds=seeds, results_dir=Path(results_dir), resume=not args.no_resume,
         simulate_options={"cpus_per_client": args.cpus_per_client,
@@ -265,7 +271,7 @@ def _run_certs(args: argparse.Namespace) -> int:
                                              days=args.days, overwrite=args.overwrite)
     except FileExistsError as exc:
         raise ValueError(str(exc)) from exc
-    print(usage_text(material), end="")
+    print(usage_text(material, max_lora_rank=args.max_lora_rank), end="")
     return 0
 
 

@@ -148,16 +148,33 @@ class Compose:
             mounts[target] = (source, read_only)
         return mounts
 
-    def published(self, service: str) -> dict[int, int]:
-        """Container port -> published host port."""
+    def publications(self, service: str) -> dict[int, tuple[str, int]]:
+        """Container port -> (host address, published host port); '' = every interface.
+
+        Reads both forms: ``[ip:]host:container[/proto]`` strings and the long syntax
+        (``host_ip``, ``published``, ``target``) that docker-compose prints.
+        """
         ports = {}
         for entry in self.services[service].get("ports", []):
             if isinstance(entry, dict):
-                ports[int(entry["target"])] = int(entry["published"])
+                ports[int(entry["target"])] = (str(entry.get("host_ip", "")),
+                                               int(entry["published"]))
             else:
-                host, _, container = str(entry).rpartition(":")
-                ports[int(container)] = int(host.rpartition(":")[2])
+                text = str(entry).partition("/")[0]
+                host, _, container = text.rpartition(":")
+                address, _, published = host.rpartition(":")
+                ports[int(container)] = (address, int(published))
         return ports
+
+    def published(self, service: str) -> dict[int, int]:
+        """Container port -> published host port."""
+        return {target: port for target, (_, port) in self.publications(service).items()}
+
+    def node_config(self, service: str) -> dict[str, Any]:
+        """A SuperNode's ``--node-config``, parsed by Flower."""
+        from flwr.common.config import parse_config_args
+
+        return parse_config_args([supernode_args(self.services[service]["command"]).node_config])
 
 
 def load(files: list[Path], how: str, env: Mapping[str, str] | None = None,
@@ -257,7 +274,9 @@ def test_docker_compose_and_this_reading_agree(tmp_path: Path) -> None:
         assert ours.services[name]["command"] == theirs.services[name]["command"], name
         assert ours.secret_files(name) == theirs.secret_files(name), name
         assert ours.volumes(name) == theirs.volumes(name), name
-        assert ours.published(name) == theirs.published(name), name
+        assert ours.publications(name) == theirs.publications(name), name
+        assert ours.services[name].get("environment") == \
+            theirs.services[name].get("environment"), name
 
 
 @needs_docker_compose
@@ -291,11 +310,12 @@ def test_superlink_serves_tls_with_supernode_auth_and_keeps_its_state(compose: C
     assert not args.insecure and args.enable_supernode_auth
     assert args.isolation == "subprocess"
     assert args.runtime_dependency_install is False  # everything is in the image
-    assert args.host == "0.0.0.0"
+    assert args.host == "0.0.0.0"  # inside the container: the compose network reaches it
     secrets = compose.secret_files("superlink")
     certs = ROOT / "deploy" / "certs"
-    assert {secrets[args.ssl_ca_certfile], secrets[args.ssl_certfile],
-            secrets[args.ssl_keyfile]} == set(secrets.values())
+    assert set(secrets.values()) == {secrets[args.ssl_ca_certfile], secrets[args.ssl_certfile],
+                                     secrets[args.ssl_keyfile], certs / "server-payload.key",
+                                     certs / "allowed-clients.txt"}
     assert secrets[args.ssl_ca_certfile] == certs / "ca.crt"
     assert secrets[args.ssl_certfile] == certs / "server.crt"
     assert secrets[args.ssl_keyfile] == certs / "server.key"
@@ -309,6 +329,8 @@ def test_superlink_serves_tls_with_supernode_auth_and_keeps_its_state(compose: C
     assert results_source in compose.config["volumes"]
     assert compose.published("superlink") == {args.port: 8000}
     assert service["restart"] == "unless-stopped" and service["init"] is True
+    # a ServerApp without server-key-file keeps its key on the state volume
+    assert service["environment"]["FEDLORA_STATE_DIR"] == str(database.parent)
 
 
 def test_each_supernode_has_its_own_key_the_ca_and_its_partition(compose: Compose) -> None:
@@ -324,7 +346,10 @@ def test_each_supernode_has_its_own_key_the_ca_and_its_partition(compose: Compos
         secrets = compose.secret_files(name)
         assert secrets[args.root_certificates] == ca
         assert secrets[args.auth_supernode_private_key] == ca.parent / f"{name}.key"
-        assert set(secrets.values()) == {ca, ca.parent / f"{name}.key"}  # no other key
+        index = name.rpartition("-")[2]
+        assert set(secrets.values()) == {  # no other key
+            ca, ca.parent / f"{name}.key", ca.parent / f"client-{index}.key",
+            ca.parent / "server-payload.pin"}
         partitions.append((name, node_partition_of(args)))
         source, read_only = compose.volumes(name)["/data"]
         assert read_only and source.endswith(f"/{name}")
@@ -332,6 +357,135 @@ def test_each_supernode_has_its_own_key_the_ca_and_its_partition(compose: Compos
         assert service["depends_on"]["superlink"]["condition"] == "service_healthy"
     assert sorted(partitions) == [(f"supernode-{i}", (i, len(nodes))) for i in range(len(nodes))]
     assert len(data) == len(nodes)
+
+
+def test_the_port_is_published_on_loopback_only_by_default(how: str, tmp_path: Path) -> None:
+    """Fleet, Control and Runtime APIs share the SuperLink's port, and Flower 1.42's Control
+    API authenticates nobody (tests/deployment/test_flower_trust.py): by default only this
+    host reaches it; the SuperNodes of the file use the compose network."""
+    compose = load([COMPOSE], how, {}, tmp_path)
+    port = superlink_args(compose.services["superlink"]["command"]).port
+    assert compose.publications("superlink") == {port: ("127.0.0.1", 8000)}
+    for name in compose.supernodes():
+        assert compose.publications(name) == {}, name
+        assert supernode_args(compose.services[name]["command"]).superlink == \
+            f"superlink:{port}"
+    # the example .env keeps it so
+    example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["FEDLORA_PUBLISH_ADDRESS"] == "127.0.0.1"
+    if how == "docker-compose":
+        done = docker_compose_config([COMPOSE], {}, ENV_EXAMPLE)
+        assert done.returncode == 0, done.stderr
+        assert Compose(yaml.safe_load(done.stdout), ROOT).publications("superlink") == {
+            port: ("127.0.0.1", 8000)}
+    # publishing it for SuperNodes elsewhere is a deliberate setting
+    moved = load([COMPOSE], how, {"FEDLORA_PUBLISH_ADDRESS": "10.0.0.5",
+                                  "FEDLORA_SUPERLINK_PORT": "8443"}, tmp_path)
+    assert moved.publications("superlink") == {port: ("10.0.0.5", 8443)}
+    assert "DOCKER-USER" in COMPOSE.read_text() and "DOCKER-USER" in ENV_EXAMPLE.read_text()
+
+
+NODE_FILES = [([COMPOSE], {}), ([COMPOSE, GPU], {}), ([REMOTE], REMOTE_ENV),
+              ([REMOTE, REMOTE_GPU], REMOTE_ENV)]
+
+
+@pytest.mark.parametrize(("files", "env"), NODE_FILES,
+                         ids=["compose", "compose+gpu", "remote", "remote+gpu"])
+def test_every_supernode_ships_the_secure_node_settings(files: list[Path], env: dict[str, str],
+                                                        how: str, tmp_path: Path) -> None:
+    """Its own handshake key, the pinned server key, no plaintext, a DP ledger that outlives
+    the container, a rank cap: each read by the ClientApp under these exact names."""
+    from client.dp import LEDGER_FILE_KEY
+    from client.policy import DP_KEYS, NodePolicy
+    from client.ranks import BUDGET_KEY
+    from privacy.flower import CLIENT_KEY_FILE_KEY, PIN_FILE_KEY, PIN_KEY, REQUIRE_KEY
+
+    if len(files) > 1 and how == "python":
+        pytest.skip("override files are merged by docker-compose only")
+    compose = load(files, how, env, tmp_path)
+    certs = ROOT / "deploy" / "certs"
+    nodes = compose.supernodes()
+    assert nodes
+    ledgers = set()
+    for name in nodes:
+        config = compose.node_config(name)
+        assert set(config) == {"partition-id", "num-partitions", CLIENT_KEY_FILE_KEY,
+                               PIN_FILE_KEY, REQUIRE_KEY, LEDGER_FILE_KEY, BUDGET_KEY,
+                               "dp-max-epsilon", "dp-required"}, name
+        assert {k for k in config if k.startswith("dp-")} <= DP_KEYS
+        assert PIN_KEY not in config  # the pin comes from the mounted file
+        policy = NodePolicy.from_node_config(config)  # the node's policy parses
+        assert (policy.max_lora_rank, policy.dp_max_epsilon, policy.dp_required) == \
+            (16, 10.0, False)
+        assert policy.dp_ledger == "file" and policy.dp_ledger_file == config[LEDGER_FILE_KEY]
+        index = config["partition-id"]  # also the index of the node's keys
+        secrets = compose.secret_files(name)
+        assert secrets[config[CLIENT_KEY_FILE_KEY]] == certs / f"client-{index}.key"
+        assert secrets[config[PIN_FILE_KEY]] == certs / "server-payload.pin"
+        assert config[REQUIRE_KEY] is True
+        # the ledger is on a named volume of the node's own, writable, where its state is
+        ledger = Path(config[LEDGER_FILE_KEY])
+        source, read_only = compose.volumes(name)[str(ledger.parent)]
+        assert source in compose.config["volumes"] and not read_only
+        assert compose.services[name]["environment"]["FEDLORA_STATE_DIR"] == \
+            str(ledger.parent)
+        ledgers.add(source)
+    assert len(ledgers) == len(nodes)
+    assert "superlink-state" not in ledgers
+
+
+def compose_run_command() -> list[str]:
+    """The ``flwr run`` command of docker-compose.yml's header."""
+    line = next(ln for ln in COMPOSE.read_text().splitlines() if ln.startswith("#   flwr run "))
+    return shlex.split(line.removeprefix("#"))
+
+
+def test_the_run_command_gives_the_serverapp_its_key_and_the_admitted_clients(
+        compose: Compose) -> None:
+    from flwr.common.config import parse_config_args
+
+    argv = compose_run_command()
+    assert argv[:4] == ["flwr", "run", ".", "fedlora"]
+    run_config = parse_config_args([option(argv, "--run-config")])
+    secrets = compose.secret_files("superlink")  # the ServerApp runs in that container
+    certs = ROOT / "deploy" / "certs"
+    assert secrets[run_config["server-key-file"]] == certs / "server-payload.key"
+    assert secrets[run_config["client-keys-file"]] == certs / "allowed-clients.txt"
+    assert "/app/results" in compose.volumes("superlink")
+    assert run_config["results-dir"].startswith("/app/results/")
+    # Flower refuses a run-config key the app does not declare
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    assert set(run_config) <= set(declared), set(run_config) - set(declared)
+
+
+def test_the_mounted_payload_keys_fit_together(tmp_path: Path) -> None:
+    """What each container reads, loaded as the ServerApp and the ClientApps load it."""
+    from flwr.common.config import parse_config_args
+
+    from privacy.client_keys import AllowedClients, ClientIdentity
+    from privacy.flower import CLIENT_KEY_FILE_KEY, PIN_FILE_KEY
+    from privacy.keys import ServerIdentity, verify_pinned
+
+    material = write_deployment_material(tmp_path / "certs", hosts=["superlink"], num_nodes=3,
+                                         days=1)
+    compose = load([COMPOSE], "python", {"FEDLORA_CERTS_DIR": str(material.folder)})
+    server = compose.secret_files("superlink")
+    run_config = parse_config_args([option(compose_run_command(), "--run-config")])
+    identity = ServerIdentity.load(server[run_config["server-key-file"]])
+    allowed = AllowedClients.load(server[run_config["client-keys-file"]])
+    assert len(allowed) == 3
+    keys = set()
+    for name in compose.supernodes():
+        config, secrets = compose.node_config(name), compose.secret_files(name)
+        client = ClientIdentity.load(secrets[config[CLIENT_KEY_FILE_KEY]])
+        assert client.public_line() in material.allowed_clients.read_text()
+        keys.add(client.public_key_bytes)
+        pin = secrets[config[PIN_FILE_KEY]].read_text().strip()
+        assert pin == identity.fingerprint()
+        verify_pinned(identity.public_key_bytes, pin)
+    assert len(keys) == 3
 
 
 def test_mounted_files_are_what_fedlora_certs_writes(compose: Compose) -> None:
@@ -385,8 +539,17 @@ def test_remote_supernode_matches_the_local_ones(how: str, tmp_path: Path) -> No
     certs = ROOT / "deploy" / "certs"  # the same folder as the main file's default
     assert secrets[args.root_certificates] == certs / "ca.crt"
     assert secrets[args.auth_supernode_private_key] == certs / "supernode-3.key"
-    assert len(secrets) == 2
+    assert set(secrets.values()) == {certs / "ca.crt", certs / "supernode-3.key",
+                                     certs / "client-3.key", certs / "server-payload.pin"}
     assert remote.volumes(name)["/data"] == (str(ROOT / "deploy/data/supernode-3"), True)
+    # the same node config as a local SuperNode, but for its own partition and key
+    own = ("partition-id", "num-partitions", "client-key-file")
+    config, local_config = remote.node_config(name), local.node_config("supernode-0")
+    assert set(config) == set(local_config)
+    assert {k: v for k, v in config.items() if k not in own} == \
+        {k: v for k, v in local_config.items() if k not in own}
+    assert secrets[config["client-key-file"]] == certs / "client-3.key"
+    assert service["environment"] == local.services["supernode-0"]["environment"]
     local_build = local.services["superlink"]["build"]
     assert remote.path(service["build"]["context"]) == local.path(local_build["context"])
     assert service["build"]["args"] == local_build["args"]
@@ -516,7 +679,8 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_keys_and_local_state_out_of_the_image() -> None:
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
-    for path in ("deploy/certs/ca.key", "deploy/certs/supernode-0.key", ".env",
+    for path in ("deploy/certs/ca.key", "deploy/certs/supernode-0.key",
+                 "deploy/certs/client-0.key", "deploy/certs/server-payload.key", ".env",
                  "deploy/data/supernode-0/news.csv", "results/latest/metrics.json",
                  ".git/config", ".venv/bin/python", "tests/test_compose.py",
                  "server/__pycache__/app.cpython-311.pyc"):

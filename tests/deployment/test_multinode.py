@@ -3,15 +3,18 @@
 One module-scoped deployment does everything once (a 2-core machine cannot afford
 two): ``fedlora certs`` material for 4 nodes; ``flower-superlink`` with TLS and
 SuperNode authentication; 3 node keys registered with ``flwr supernode register``;
-4 ``flower-supernode`` processes, the 4th with a key that was never registered; then
+4 ``flower-supernode`` processes, the 4th with a key that was never registered, each
+with the node config ``fedlora certs`` prints (its handshake signing key, the pinned
+server payload key, ``require-encryption``, its own DP ledger file, a rank cap); then
 ``flwr run`` of this repository for 2 rounds of the tiny model with payload encryption
-on. When SuperNode 1 receives its round-2 train message, its whole process group
-(SuperNode, its SuperExec and ClientApp) is SIGKILLed: round 2 must aggregate the
-other two replies once the SuperLink reports the dead node unavailable (or
-``round-timeout`` passes), and the run must finish. Every process is stopped by PID
-(process group, then what is left by PID) before the tests look at the outcome, also
-when something fails half-way. About 2 minutes on 2 cores, a minute of it waiting for
-Flower to notice the dead node.
+on, given the server payload key and the admitted client keys that ``fedlora certs``
+wrote (``server-key-file``, ``client-keys-file``). When SuperNode 1 receives its round-2
+train message, its whole process group (SuperNode, its SuperExec and ClientApp) is
+SIGKILLed: round 2 must aggregate the other two replies once the SuperLink reports the
+dead node unavailable (or ``round-timeout`` passes), and the run must finish. Every
+process is stopped by PID (process group, then what is left by PID) before the tests look
+at the outcome, also when something fails half-way. About 2 minutes on 2 cores, a minute
+of it waiting for Flower to notice the dead node.
 """
 
 from __future__ import annotations
@@ -129,6 +132,15 @@ def pem_body(public_key_file: Path) -> str:
     return "".join(line for line in pem.splitlines() if not line.startswith("-----"))
 
 
+def node_config(material: DeploymentMaterial, i: int) -> str:
+    """SuperNode ``i``'s ``--node-config`` as ``fedlora certs`` prints it (the 4th node
+    reuses a partition; its ledger is a file of its own in the test folder)."""
+    text = certs.node_config_text(
+        material, i, dp_ledger_file=str(material.folder.parent / f"state/dp-ledger-{i}.json"))
+    return text.replace(f"partition-id={i} num-partitions={NUM_NODES + 1}",
+                        f"partition-id={i % NUM_NODES} num-partitions={NUM_NODES}")
+
+
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path,
             toy_csv: Path) -> Outcome:
@@ -154,8 +166,11 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path,
         f"[superlink.{certs.DEFAULT_CONNECTION}]\n"
         f'address = "127.0.0.1:{port}"\n'
         f'root-certificates = "{material.ca_cert}"\n')
+    # every process keeps its state (pins, ledgers, a default server key) here, never in
+    # the user's home
     env = flower_env(flwr_home, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                     TOKENIZERS_PARALLELISM="false", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
+                     TOKENIZERS_PARALLELISM="false", FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+                     FEDLORA_STATE_DIR=str(root / "state"))
     procs = Processes(logs=root / "logs", env=env, cwd=root)
     node_ids: dict[int, str] = {}
     listed: list[dict[str, object]] = []
@@ -198,7 +213,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path,
                 "--superlink", f"127.0.0.1:{port}",
                 "--root-certificates", str(material.ca_cert),
                 "--auth-supernode-private-key", str(material.node_keys[i]),
-                "--node-config", f"partition-id={i % NUM_NODES} num-partitions={NUM_NODES}",
+                "--node-config", node_config(material, i),
                 "--port", str(runtime_ports[i]),
             ]))
         registered, stranger = nodes[:NUM_NODES], nodes[NUM_NODES]
@@ -225,6 +240,8 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path,
             "min-train-nodes": NUM_NODES, "min-available-nodes": NUM_NODES,
             "round-timeout": ROUND_TIMEOUT, "min-reply-fraction": 0.5,
             "encrypt-payloads": True, "local-steps": 4,
+            certs.RUN_SERVER_KEY_FILE: str(material.server_payload_key),
+            certs.RUN_CLIENT_KEYS_FILE: str(material.allowed_clients),
         })
         run = procs.start("flwr-run", [
             str(executable("flwr")), "run", str(REPO), certs.DEFAULT_CONNECTION, "--stream",
@@ -289,11 +306,17 @@ def test_two_rounds_over_tls_with_authenticated_nodes(outcome: Outcome) -> None:
         assert 0.0 <= r["eval_accuracy"] <= 1.0
     assert (outcome.results / "final_adapter" / "adapter_config.json").exists()
     assert (outcome.results / "final_adapter" / "adapter_model.safetensors").exists()
-    # the payloads were sealed end to end: the ServerApp says so and every node got the
-    # per-round key handshake
-    assert "payload encryption: new server key" in outcome.run_log
+    # the payloads were sealed end to end with the key `fedlora certs` wrote, the one every
+    # node pins, and only the nodes' own signing keys were admitted: the ServerApp says so
+    # and every node got the per-round key handshake
+    pin = outcome.material.server_fingerprint()
+    assert f"fingerprint {pin}" in outcome.run_log, outcome.run_log[-3000:]
+    assert f"{NUM_NODES + 1} client key(s) admitted" in outcome.run_log
+    assert "new server key" not in outcome.run_log
+    assert "clients are not authenticated" not in outcome.run_log
     for node in outcome.nodes:
         assert node.count(r"Receiving: query\.fedlora_handshake message") == 2, tail(node.log)
+        assert "pinned the server key" not in node.text()  # pinned by config, not on first use
     # the nodes Flower lists are exactly the three registered ones
     assert sorted(str(n["node-id"]) for n in outcome.listed_nodes) == \
         sorted(outcome.node_ids.values())

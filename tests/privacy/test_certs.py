@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
+from flwr.common.config import parse_config_args
 
 from privacy import certs
 from privacy.certs import (
@@ -29,6 +30,8 @@ from privacy.certs import (
     usage_text,
     write_deployment_material,
 )
+from privacy.client_keys import AllowedClients, ClientIdentity, handshake_transcript
+from privacy.keys import ServerIdentity, verify_pinned
 from tests.deployment.processes import (
     Processes,
     executable,
@@ -163,12 +166,17 @@ def test_node_keys_load_with_flowers_own_loaders(tmp_path: Path) -> None:
 
 def test_every_file_is_written_with_private_keys_0600(material: DeploymentMaterial) -> None:
     names = sorted(p.name for p in material.folder.iterdir())
-    assert names == sorted(["ca.crt", "ca.key", "server.crt", "server.key"]
-                           + [f"supernode-{i}.{ext}" for i in range(3) for ext in ("key", "pub")])
+    assert names == sorted(["ca.crt", "ca.key", "server.crt", "server.key",
+                            "server-payload.key", "server-payload.pin", "allowed-clients.txt"]
+                           + [f"supernode-{i}.{ext}" for i in range(3) for ext in ("key", "pub")]
+                           + [f"client-{i}.key" for i in range(3)])
     assert {p.name for p in material.files} == set(names)
+    assert len(material.files) == len(names)
+    assert set(material.private_files) == {p for p in material.files if p.suffix == ".key"}
     for path in material.private_files:
         assert mode_of(path) == 0o600, path
-    for path in (material.ca_cert, material.server_cert, *material.node_public_keys):
+    for path in (material.ca_cert, material.server_cert, *material.node_public_keys,
+                 material.server_payload_pin, material.allowed_clients):
         assert mode_of(path) == 0o644, path
     assert mode_of(material.folder) == 0o700
     assert material.folder.is_absolute() and material.num_nodes == 3
@@ -179,6 +187,69 @@ def test_every_file_is_written_with_private_keys_0600(material: DeploymentMateri
     assert material.hosts == ("localhost", "127.0.0.1", "superlink", "10.0.0.5")
 
 
+def test_payload_keys_load_as_the_serverapp_and_the_clientapps_load_them(
+        material: DeploymentMaterial) -> None:
+    """server-payload.key/.pin, client-<i>.key and allowed-clients.txt fit together."""
+    server = ServerIdentity.load(material.server_payload_key)
+    pin = material.server_payload_pin.read_text()
+    assert pin == server.fingerprint() + "\n"  # one line: what a pin file holds
+    assert material.server_fingerprint() == server.fingerprint()
+    verify_pinned(server.public_key_bytes, pin)
+    allowed = AllowedClients.load(material.allowed_clients)
+    assert len(allowed) == material.num_nodes == len(material.client_keys)
+    lines = [ln for ln in material.allowed_clients.read_text().splitlines()
+             if ln and not ln.startswith("#")]
+    clients = [ClientIdentity.load(path) for path in material.client_keys]
+    assert lines == [c.public_line(f"fedlora-client-{i}") for i, c in enumerate(clients)]
+    assert len({c.public_key_bytes for c in clients}) == len(clients)
+    # each key is admitted, and speaks for one node only
+    for node_id, client in enumerate(clients, start=100):
+        transcript = handshake_transcript(
+            run_id=1, round=1, message_type="train", node_id=node_id,
+            server_key=server.public_key_bytes, server_ephemeral=bytes(32),
+            client_ephemeral=bytes(range(32)))
+        allowed.verify(public_key=client.public_key_bytes, signature=client.sign(transcript),
+                       transcript=transcript, node_id=node_id)
+    stranger = ClientIdentity.generate()
+    with pytest.raises(ValueError, match="not in"):
+        allowed.verify(public_key=stranger.public_key_bytes, signature=stranger.sign(b"x"),
+                       transcript=b"x", node_id=1)
+    # what each host needs, and never the CA key
+    assert material.ca_key not in material.server_files
+    assert material.server_payload_key in material.server_files
+    assert material.allowed_clients in material.server_files
+    for i in range(material.num_nodes):
+        assert set(material.node_files(i)) == {material.ca_cert, material.node_keys[i],
+                                               material.client_keys[i],
+                                               material.server_payload_pin}
+
+
+def test_no_node_means_an_allowed_clients_file_the_server_refuses(tmp_path: Path) -> None:
+    material = write_deployment_material(tmp_path / "c", hosts=[], num_nodes=0, days=1)
+    assert material.allowed_clients.exists() and material.client_keys == ()
+    with pytest.raises(ValueError, match="no client key"):
+        AllowedClients.load(material.allowed_clients)
+
+
+def test_node_and_run_config_keys_are_the_ones_the_apps_read() -> None:
+    from client.dp import LEDGER_FILE_KEY
+    from client.policy import DEFAULT_MAX_EPSILON, DP_KEYS
+    from client.ranks import BUDGET_KEY
+    from privacy import flower
+
+    assert certs.NODE_CLIENT_KEY_FILE == flower.CLIENT_KEY_FILE_KEY
+    assert certs.NODE_SERVER_KEY_PIN == flower.PIN_KEY
+    assert certs.NODE_SERVER_PIN_FILE == flower.PIN_FILE_KEY
+    assert certs.NODE_REQUIRE_ENCRYPTION == flower.REQUIRE_KEY
+    assert certs.NODE_DP_LEDGER_FILE == LEDGER_FILE_KEY
+    assert certs.NODE_MAX_LORA_RANK == BUDGET_KEY
+    assert certs.NODE_DP_MAX_EPSILON in DP_KEYS
+    assert certs.DEFAULT_DP_MAX_EPSILON == DEFAULT_MAX_EPSILON
+    declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())[
+        "tool"]["flwr"]["app"]["config"]
+    assert {certs.RUN_SERVER_KEY_FILE, certs.RUN_CLIENT_KEYS_FILE} <= set(declared)
+
+
 def test_overwrite_is_refused_without_the_flag(tmp_path: Path) -> None:
     first = write_deployment_material(tmp_path / "c", hosts=[], num_nodes=1, days=1)
     before = {p: p.read_bytes() for p in first.files}
@@ -186,16 +257,19 @@ def test_overwrite_is_refused_without_the_flag(tmp_path: Path) -> None:
         write_deployment_material(tmp_path / "c", hosts=[], num_nodes=1, days=1)
     assert {p: p.read_bytes() for p in first.files} == before
     # one existing file is enough to refuse, and nothing else is written then
-    lone = tmp_path / "d"
-    lone.mkdir()
-    (lone / "supernode-1.pub").write_text("keep me")
-    with pytest.raises(FileExistsError):
-        write_deployment_material(lone, hosts=[], num_nodes=2, days=1)
-    assert [p.name for p in lone.iterdir()] == ["supernode-1.pub"]
+    for name in ("supernode-1.pub", "allowed-clients.txt", "client-1.key"):
+        lone = tmp_path / f"d-{name}"
+        lone.mkdir()
+        (lone / name).write_text("keep me")
+        with pytest.raises(FileExistsError):
+            write_deployment_material(lone, hosts=[], num_nodes=2, days=1)
+        assert [p.name for p in lone.iterdir()] == [name]
     second = write_deployment_material(tmp_path / "c", hosts=[], num_nodes=1, days=1,
                                        overwrite=True)
     assert second.ca_cert.read_bytes() != before[first.ca_cert]
-    assert mode_of(second.ca_key) == 0o600
+    assert second.server_payload_pin.read_bytes() != before[first.server_payload_pin]
+    assert second.client_keys[0].read_bytes() != before[first.client_keys[0]]
+    assert mode_of(second.ca_key) == 0o600 and mode_of(second.client_keys[0]) == 0o600
     assert not [p for p in second.folder.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -268,12 +342,34 @@ def test_usage_text_mentions_every_file_and_only_real_flags(
     assert [c[3] for c in registers] == [str(p) for p in material.node_public_keys]
     nodes = [c for c in commands if c[0] == "flower-supernode"]
     assert len(nodes) == 3
+    fingerprint = ServerIdentity.load(material.server_payload_key).fingerprint()
+    assert fingerprint in text
+    ledgers = set()
     for i, argv in enumerate(nodes):
         assert argv[argv.index("--superlink") + 1] == "superlink:8000"
         assert argv[argv.index("--root-certificates") + 1] == str(material.ca_cert)
         assert argv[argv.index("--auth-supernode-private-key") + 1] == str(material.node_keys[i])
-        assert argv[argv.index("--node-config") + 1] == f"partition-id={i} num-partitions=3"
-    assert ["flwr", "run", ".", "fedlora", "--stream"] in commands
+        # the node config, as Flower parses it: partition, keys, pin and the node's bounds
+        config = parse_config_args([argv[argv.index("--node-config") + 1]])
+        assert config == {
+            "partition-id": i, "num-partitions": 3,
+            certs.NODE_CLIENT_KEY_FILE: str(material.client_keys[i]),
+            certs.NODE_SERVER_KEY_PIN: fingerprint,
+            certs.NODE_REQUIRE_ENCRYPTION: True,
+            certs.NODE_DP_LEDGER_FILE: config[certs.NODE_DP_LEDGER_FILE],
+            certs.NODE_MAX_LORA_RANK: certs.DEFAULT_MAX_LORA_RANK,
+            certs.NODE_DP_MAX_EPSILON: certs.DEFAULT_DP_MAX_EPSILON,
+        }
+        ledgers.add(config[certs.NODE_DP_LEDGER_FILE])
+        ClientIdentity.load(config[certs.NODE_CLIENT_KEY_FILE])
+        verify_pinned(ServerIdentity.load(material.server_payload_key).public_key_bytes,
+                      config[certs.NODE_SERVER_KEY_PIN])
+    assert len(ledgers) == 3  # nodes sharing a machine keep separate ledgers
+    run = next(c for c in commands if c[:2] == ["flwr", "run"])
+    assert run[:5] == ["flwr", "run", ".", "fedlora", "--stream"]
+    assert parse_config_args([run[run.index("--run-config") + 1]]) == {
+        certs.RUN_SERVER_KEY_FILE: str(material.server_payload_key),
+        certs.RUN_CLIENT_KEYS_FILE: str(material.allowed_clients)}
     toml = tomllib.loads(connection_block(text))
     assert toml == {"superlink": {"fedlora": {
         SuperLinkConnectionTomlKey.ADDRESS: "superlink:8000",
@@ -303,8 +399,11 @@ def test_cli_certs_writes_the_folder_and_prints_the_usage(
     assert exit_info.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert material.ca_cert.read_bytes() == ca_before
-    assert main([*argv, "--overwrite"]) == 0
+    assert main([*argv, "--overwrite", "--max-lora-rank", "4"]) == 0
     assert material.ca_cert.read_bytes() != ca_before
+    assert capsys.readouterr().out == usage_text(material, max_lora_rank=4)
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        usage_text(material, max_lora_rank=0)
 
 
 # --- a real SuperLink ----------------------------------------------------------------------
