@@ -113,8 +113,8 @@ def run_fedlora(spec: dict[str, Any], calls_path: str, workdir: Path) -> dict[st
 
     make_app = client.app.make_client_app
 
-    def timed_app(overrides: Any = None) -> ClientApp:
-        return TimedClientApp(make_app(overrides), calls_path)
+    def timed_app(overrides: Any = None, **kwargs: Any) -> ClientApp:
+        return TimedClientApp(make_app(overrides, **kwargs), calls_path)
 
     client.app.make_client_app = timed_app  # simulate() imports it at call time
     config = {**spec["run_config"], "eval-subset": spec["eval_subset"],

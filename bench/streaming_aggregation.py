@@ -62,13 +62,14 @@ def global_adapter(layers: int) -> LoraAdapter:
 
 
 def replies(messages: list[Message], seed: int) -> Iterator[Message]:
-    """Each node's reply, made only when pulled (the arrays it received, nudged)."""
+    """Each node's reply, made only when pulled (the arrays it received, nudged the same
+    way by a node-drawn amount, so the round's screens accept every reply)."""
     for message in messages:
         rng = np.random.default_rng(seed + message.metadata.dst_node_id)
         record = ArrayRecord()
         for key, array in message.content["arrays"].items():
             value = array.numpy()
-            record[key] = Array(value + np.float32(rng.standard_normal()) * 1e-3)
+            record[key] = Array(value + np.float32(1.0 + rng.random()) * 1e-3)
         content = RecordDict({"arrays": record, "metrics": MetricRecord(
             {"num-examples": 100 + message.metadata.dst_node_id, "train-loss": 1.0})})
         yield Message(content, reply_to=message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from privacy.client_keys import AllowedClients
 from privacy.client_level import ClientLevelDP
+from privacy.files import state_dir
 from privacy.flower import EncryptedStrategy
 from privacy.keys import ServerIdentity
 from server.plots import plot_metrics
@@ -28,6 +31,7 @@ from strategies.wire import adapter_to_record, record_to_adapter, state_to_recor
 from task.training import Encoded
 
 RoundCallback = Callable[[dict[str, Any]], None]
+DEFAULT_SERVER_KEY_FILE = "server-payload.key"
 
 #: settings a resumed run must share with the saved one (they change what is trained)
 RESUME_MUST_MATCH = ("strategy", "model", "task", "dataset", "lora-rank", "lora-alpha",
@@ -59,21 +63,48 @@ def build_strategy(settings: RunSettings) -> LoraStrategy:
         seed=fed.seed,
         min_reply_fraction=fed.min_reply_fraction,
         client_dp=build_client_dp(settings),
+        **dataclasses.asdict(fed.robust()),
         **settings.strategy_options(),
     )
 
 
 def load_identity(path: str) -> ServerIdentity:
-    """The server's long-term key from ``server-key-file``, or a new one for this run."""
-    if not path:
+    """The server's long-term payload key from ``server-key-file``.
+
+    Empty: the key kept in the server's state folder (``<state dir>/server-payload.key``,
+    see :func:`privacy.files.state_dir`), created on first use, so the key that clients
+    pin on first use stays the same from run to run.
+    """
+    target = Path(path).expanduser() if path else state_dir() / DEFAULT_SERVER_KEY_FILE
+    if not path and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
         identity = ServerIdentity.generate()
-        log(INFO, "payload encryption: new server key for this run, fingerprint %s",
-            identity.fingerprint())
+        identity.save(target)
+        log(INFO, "payload encryption: new server key, fingerprint %s, saved in %s",
+            identity.fingerprint(), target)
         return identity
-    identity = ServerIdentity.load(Path(path))
-    log(INFO, "payload encryption: server key %s, fingerprint %s", path,
+    identity = ServerIdentity.load(target)
+    log(INFO, "payload encryption: server key %s, fingerprint %s", target,
         identity.fingerprint())
     return identity
+
+
+def load_allowed_clients(path: str) -> AllowedClients | None:
+    """The client keys admitted at the payload layer (None when ``client-keys-file`` is empty).
+
+    Raises:
+        ValueError: the file cannot be read or lists no valid key.
+
+    """
+    if not path:
+        return None
+    try:
+        allowed = AllowedClients.load(Path(path).expanduser())
+    except OSError as exc:
+        raise ValueError(f"client-keys-file {path} cannot be read ({exc}); write it with "
+                         "`fedlora certs` or leave client-keys-file empty") from exc
+    log(INFO, "payload encryption: %d client key(s) admitted from %s", len(allowed), path)
+    return allowed
 
 
 @dataclass
@@ -105,8 +136,9 @@ class FederatedRun:
         self.strategy = build_strategy(settings)
         self.runner: Strategy = self.strategy
         if settings.federation.encrypt_payloads:
-            self.runner = EncryptedStrategy(self.strategy, identity=load_identity(
-                settings.federation.server_key_file))
+            self.runner = EncryptedStrategy(
+                self.strategy, identity=load_identity(settings.federation.server_key_file),
+                allowed_clients=load_allowed_clients(settings.federation.client_keys_file))
         self.runtime = cached_runtime(settings.task)
         self.writer = ResultsWriter(settings.federation.results_dir, settings.to_dict(),
                                     keep_checkpoints=settings.federation.keep_checkpoints)
@@ -214,6 +246,11 @@ class FederatedRun:
         resumed = self.resume() if fed.resume else None
         if resumed is not None:
             arrays, first_round = state_to_record(resumed.arrays), resumed.round + 1
+        privacy = self.settings.task.privacy
+        if privacy.dp and privacy.dp_reproducible:
+            log(WARNING, "dp-reproducible=true: the clients' DP-SGD noise and sampling are "
+                "seeded from the run seed, so whoever knows the run config (this server) can "
+                "regenerate them: the epsilon is NOT private against the server")
         self.runner.summary()
         for server_round in range(first_round, fed.num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", server_round, fed.num_rounds)
@@ -245,6 +282,10 @@ class FederatedRun:
             "best_eval_accuracy": summary.best(),
             "seconds": summary.seconds,
             "rejections": {str(k): v for k, v in rejections.items()},
+            "dp_private_against_server": privacy.private_against_server,
+            "payload_encryption": isinstance(self.runner, EncryptedStrategy),
+            "clients_authenticated": isinstance(self.runner, EncryptedStrategy)
+            and self.runner.allowed_clients is not None,
         })
         log(INFO, "results written to %s", self.writer.root)
         return summary

@@ -9,7 +9,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from strategies import get_strategy_class
-from task.settings import TaskSettings, from_run_config, run_config_key, settings_keys
+from strategies.robust import (
+    DEFAULT_COSINE_RATIO,
+    DEFAULT_MAX_ABS,
+    DEFAULT_MIN_COSINE,
+    DEFAULT_NORM_BOUND,
+    DEFAULT_TRIM_FRACTION,
+    RobustConfig,
+)
+from task.settings import (
+    DEFAULT_NUM_ROUNDS,
+    TaskSettings,
+    from_run_config,
+    run_config_key,
+    settings_keys,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -25,13 +39,24 @@ class FederationSettings:
     ``keep_checkpoints``: how many per-round checkpoints to keep; ``resume``: continue
     from the last completed round saved in ``<results-dir>/state`` (a fresh start when
     there is none); ``eval_batch_size``: 0 = :func:`task.training.auto_eval_batch_size`.
+    ``server_key_file``: the server's long-term payload key (a new one per run if empty);
+    ``client_keys_file``: the client signing keys admitted at the payload layer (empty:
+    clients are not authenticated there, see :mod:`privacy.client_keys`).
     ``client_dp_*``: client-level DP on the server
     (:mod:`privacy.client_level`): noise multiplier (0 = off), clip norm, delta, and
     whether the noise is seeded from the OS instead of the run seed.
+    ``aggregator``, ``trim_fraction``, ``clip_norm``, ``update_norm_bound``,
+    ``update_max_abs``, ``update_min_cosine``, ``update_cosine_ratio``: robust aggregation
+    (:mod:`strategies.robust`): the aggregator
+    (``mean``, ``median``, ``trimmed-mean``, ``norm-clip``), its trim share and clip norm
+    (0 = the round's median), the bound on each update's change norm as a multiple of the
+    round's median (0 = off), the cap on any value's magnitude (0 = off), and the least
+    cosine of an update's change with the round's median change (-1 = off) and, with it on,
+    the least fraction of the round's median cosine.
     """
 
     strategy: str = "fedit"
-    num_rounds: int = 5
+    num_rounds: int = DEFAULT_NUM_ROUNDS
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
@@ -59,10 +84,18 @@ class FederationSettings:
     slora_then: str = "fedit"
     encrypt_payloads: bool = True
     server_key_file: str = ""
+    client_keys_file: str = ""
     client_dp_noise: float = 0.0
     client_dp_clip: float = 1.0
     client_dp_delta: float = 1e-5
-    client_dp_secure_seed: bool = False
+    client_dp_secure_seed: bool = True
+    aggregator: str = "mean"
+    trim_fraction: float = DEFAULT_TRIM_FRACTION
+    clip_norm: float = 0.0
+    update_norm_bound: float = DEFAULT_NORM_BOUND
+    update_max_abs: float = DEFAULT_MAX_ABS
+    update_min_cosine: float = DEFAULT_MIN_COSINE
+    update_cosine_ratio: float = DEFAULT_COSINE_RATIO
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +131,12 @@ class FederationSettings:
         if self.client_dp_noise > 0 and cls.client_dp_refusal:
             raise ValueError(f"{self.strategy} does not support client-level DP "
                              f"(client-dp-noise above 0): {cls.client_dp_refusal}")
+        cls.check_robust(self.robust(), client_dp=self.client_dp_noise > 0)
+
+    def robust(self) -> RobustConfig:
+        """The robust-aggregation settings (validated: a bad value names its setting)."""
+        return RobustConfig(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(RobustConfig)})
 
     def eval_batch(self, device: torch.device) -> int:
         """The evaluation batch size on ``device`` (``eval-batch-size``, or auto when 0)."""

@@ -29,6 +29,22 @@ def backend_config(cpus_per_client: float, gpus_per_client: float) -> dict[str, 
     }
 
 
+def simulation_node_config(settings: RunSettings) -> dict[str, Any]:
+    """What every simulated node gets as its node config, beside its partition.
+
+    A deployed node pins the server key in a file and refuses plaintext; simulated nodes
+    live for one run, whose server key is new, so they pin in the run's memory, and
+    they accept plaintext exactly when the run does not encrypt. Their DP ledger lives
+    for the run too, they accept ``dp-reproducible``, and they have no epsilon cap of
+    their own (:data:`client.policy.SIMULATION_NODE_CONFIG`).
+    """
+    from client.policy import SIMULATION_NODE_CONFIG
+
+    return {"server-pin-file": "",
+            "require-encryption": settings.federation.encrypt_payloads,
+            **SIMULATION_NODE_CONFIG}
+
+
 def simulate(
     run_config: Mapping[str, Any],
     *,
@@ -67,7 +83,8 @@ def simulate(
     try:
         run_simulation(
             server_app=make_server_app(overrides),
-            client_app=make_client_app(overrides),
+            client_app=make_client_app(overrides,
+                                       node_overrides=simulation_node_config(settings)),
             num_supernodes=num_clients,
             backend_config=backend_config(cpus_per_client, gpus),  # type: ignore[arg-type]
         )

@@ -53,6 +53,7 @@ from strategies.instructions import ClientInstructions, ConfigValue
 from strategies.parts import ALL_PARTS, select_parts
 from strategies.robust import (
     COORDINATE_WISE,
+    DEFAULT_COSINE_RATIO,
     DEFAULT_MAX_ABS,
     DEFAULT_MIN_COSINE,
     DEFAULT_NORM_BOUND,
@@ -64,6 +65,7 @@ from strategies.robust import (
     change_norm,
     clip_factors,
     combine,
+    cosine_threshold,
     max_abs,
     median_direction_cosines,
     norm_threshold,
@@ -306,15 +308,18 @@ class RobustRound(Aggregation):
                 shapes[key] = tuple(max(a, b) for a, b in zip(old, value.shape, strict=True))
         cosines = median_direction_cosines([u.state for u, _ in self.held], references,
                                            shapes)
+        limit = cosine_threshold(cosines, threshold, self.config.update_cosine_ratio)
         stats = self.stats
         stats.details["update_cosines"] = {str(u.node_id): c
                                            for (u, _), c in zip(self.held, cosines, strict=True)}
         kept = []
         for (update, norm), cosine in zip(self.held, cosines, strict=True):
-            if cosine < threshold:
+            if cosine < limit:
                 stats.withdraw(update.node_id, (
                     f"update direction: cosine {cosine:.3f} with the round's median change "
-                    f"is below update-min-cosine {threshold:g}"))
+                    f"is below {limit:.3f} (update-min-cosine {threshold:g}, or "
+                    f"update-cosine-ratio {self.config.update_cosine_ratio:g} x the round's "
+                    f"median cosine)"))
             else:
                 kept.append((update, norm))
         self.held = kept
@@ -420,7 +425,7 @@ class LoraStrategy(FedAvg):
         client_dp: client-level DP around every round's aggregation (None = off); refused
             by strategies whose rule is not linear in the factors (``client_dp_refusal``).
         aggregator, trim_fraction, clip_norm, update_norm_bound, update_max_abs,
-            update_min_cosine: robust
+            update_min_cosine, update_cosine_ratio: robust
             aggregation (:class:`strategies.robust.RobustConfig`). Under client-level DP
             only ``aggregator="mean"`` is accepted and the relative norm bound is not
             applied (the DP clip bounds every update; see :meth:`check_robust`).
@@ -459,11 +464,13 @@ class LoraStrategy(FedAvg):
         update_norm_bound: float = DEFAULT_NORM_BOUND,
         update_max_abs: float = DEFAULT_MAX_ABS,
         update_min_cosine: float = DEFAULT_MIN_COSINE,
+        update_cosine_ratio: float = DEFAULT_COSINE_RATIO,
     ) -> None:
         robust = RobustConfig(aggregator=aggregator, trim_fraction=trim_fraction,
                               clip_norm=clip_norm, update_norm_bound=update_norm_bound,
                               update_max_abs=update_max_abs,
-                              update_min_cosine=update_min_cosine)
+                              update_min_cosine=update_min_cosine,
+                              update_cosine_ratio=update_cosine_ratio)
         self.check_robust(robust, client_dp=client_dp is not None)
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction-train must be in (0, 1], got {fraction_train}")

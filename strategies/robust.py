@@ -8,10 +8,12 @@ A malicious client can send any finite update. Three defences, composable:
 - **a norm bound relative to the round** (``update-norm-bound``): an update whose change
   (what it sends minus what the node was sent, one L2 norm over all those tensors) is
   more than ``bound`` times the median change of the round's updates is rejected;
-- **a direction screen** (``update-min-cosine``): an update whose change points away
-  from the round's coordinate-wise median change (cosine below the threshold, 0 by
-  default: against it) is rejected. It catches what keeps an honest norm: a sign-flipped
-  update, or one trained on flipped labels, while the attackers are fewer than half;
+- **a direction screen** (``update-min-cosine``, ``update-cosine-ratio``): an update
+  whose change points away from the round's coordinate-wise median change is rejected:
+  its cosine with it is below ``update-min-cosine`` (0 by default: against it) or below
+  ``update-cosine-ratio`` (0.5) times the round's median cosine (far less aligned than a
+  typical update). It catches what keeps an honest norm, a sign-flipped update or noise
+  in place of training, while the attackers are fewer than half;
 - **a robust aggregator** (``aggregator``) in place of the weighted mean, applied to the
   tensors the strategy averages: the coordinate-wise ``median``, the coordinate-wise
   ``trimmed-mean``, or ``norm-clip`` (each change clipped to a norm, then the mean with
@@ -38,6 +40,7 @@ DEFAULT_NORM_BOUND = 10.0
 DEFAULT_MAX_ABS = 1e4
 DEFAULT_TRIM_FRACTION = 0.2
 DEFAULT_MIN_COSINE = 0.0
+DEFAULT_COSINE_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,10 @@ class RobustConfig:
         update_max_abs: reject an update with any value above this in magnitude; 0 = off.
         update_min_cosine: reject an update whose change has a cosine below this with the
             round's coordinate-wise median change (:func:`median_direction_cosines`);
-            -1 = off.
+            -1 = off (the whole direction screen).
+        update_cosine_ratio: with the direction screen on, also reject an update whose
+            cosine is below this fraction of the round's median cosine; 0 = only the
+            absolute threshold.
 
     Raises:
         ValueError: a setting out of range, naming it and what it accepts.
@@ -69,6 +75,7 @@ class RobustConfig:
     update_norm_bound: float = DEFAULT_NORM_BOUND
     update_max_abs: float = DEFAULT_MAX_ABS
     update_min_cosine: float = DEFAULT_MIN_COSINE
+    update_cosine_ratio: float = DEFAULT_COSINE_RATIO
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +95,8 @@ class RobustConfig:
              f"{self.update_max_abs}"),
             (-1 <= self.update_min_cosine < 1,
              f"update-min-cosine must be in [-1, 1) (-1 = off), got {self.update_min_cosine}"),
+            (0 <= self.update_cosine_ratio < 1,
+             f"update-cosine-ratio must be in [0, 1) (0 = off), got {self.update_cosine_ratio}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,7 +120,8 @@ class RobustConfig:
                      if self.update_norm_bound else "no norm bound")
         parts.append(f"max |value| {self.update_max_abs:g}" if self.update_max_abs
                      else "no value cap")
-        parts.append(f"min cosine {self.update_min_cosine:g} with the median change"
+        parts.append(f"min cosine {self.update_min_cosine:g} and {self.update_cosine_ratio:g} "
+                     "x the round's median cosine with the median change"
                      if self.update_min_cosine > -1 else "no direction screen")
         return "robust aggregation: " + ", ".join(parts)
 
@@ -282,6 +292,17 @@ def combine(arrays: Sequence[np.ndarray], aggregator: str, trim_fraction: float)
         return trimmed_mean(arrays, trim_fraction)
     raise ValueError(f"'{aggregator}' is not a coordinate-wise aggregator "
                      f"({', '.join(sorted(COORDINATE_WISE))})")
+
+
+def cosine_threshold(cosines: Sequence[float], min_cosine: float, ratio: float) -> float:
+    """The least cosine the round accepts.
+
+    ``min_cosine``, or ``ratio`` x the round's median cosine when that is higher: a round
+    whose updates are well aligned asks more of each.
+    """
+    if not cosines or ratio <= 0:
+        return min_cosine
+    return max(min_cosine, ratio * float(np.median(np.asarray(cosines, dtype=np.float64))))
 
 
 def median_direction_cosines(updates: Sequence[Mapping[str, np.ndarray]],

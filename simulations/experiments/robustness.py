@@ -7,7 +7,8 @@ place), ``label-flip`` (training on labels shifted by one class), plus two refer
 ``honest`` (nobody attacks) and ``silent`` (the attackers send nothing: what losing
 their data costs, which is what rejecting them costs). Defences: ``bound`` (the
 defaults: the weighted mean with updates above 10x the round's median change norm
-rejected, and those whose change has a negative cosine with the round's median change),
+rejected, and those whose change has a cosine with the round's median change below 0 or
+below half the round's median cosine),
 ``norm-only`` (the norm bound without the direction screen), ``off`` (the plain mean, no
 screening) and the coordinate-wise robust aggregators with the defaults (``median`` in
 the 4-client federation, ``trimmed-mean`` at 0.2, two per side, in the 8-client one)
@@ -38,7 +39,7 @@ ATTACKS = ("scaled", "sign-flip", "noise", "label-flip")
 #: the attacks whose updates have an honest norm (the bound rejects the scaled one)
 SAME_NORM_ATTACKS = ("sign-flip", "noise", "label-flip")
 DEFENCES: dict[str, dict[str, object]] = {
-    "bound": {},  # the defaults: aggregator mean, update-norm-bound 10, update-min-cosine 0
+    "bound": {},  # the defaults: mean, update-norm-bound 10, the direction screen
     "norm-only": {"update-min-cosine": -1.0},
     "off": {"aggregator": "mean", "update-norm-bound": 0.0, "update-min-cosine": -1.0},
     "median": {"aggregator": "median"},
@@ -91,8 +92,9 @@ def robustness() -> ExperimentSpec:
             "x100), sign flips (the change negated), Gaussian noise of the change's norm, or "
             "label flipping (labels shifted by one class). Defences: `bound` = the defaults "
             "(weighted mean; updates whose change norm is above 10x the round's median, or "
-            "whose change has a negative cosine with the round's coordinate-wise median "
-            "change, rejected), `norm-only` = the norm bound without the direction screen, "
+            "whose change's cosine with the round's coordinate-wise median change is below 0 "
+            "or below half the round's median cosine, rejected), `norm-only` = the norm "
+            "bound without the direction screen, "
             "`off` = the plain mean without either, and the coordinate-wise "
             "median (4 clients) or trimmed mean at 0.2 (8 clients), with the defaults. "
             "`honest`: nobody attacks; `silent`: the attackers send nothing (the cost of "

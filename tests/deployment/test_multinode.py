@@ -314,6 +314,8 @@ def test_two_rounds_over_tls_with_authenticated_nodes(outcome: Outcome) -> None:
     assert f"{NUM_NODES + 1} client key(s) admitted" in outcome.run_log
     assert "new server key" not in outcome.run_log
     assert "clients are not authenticated" not in outcome.run_log
+    summary = json.loads((outcome.results / "summary.json").read_text())
+    assert (summary["payload_encryption"], summary["clients_authenticated"]) == (True, True)
     for node in outcome.nodes:
         assert node.count(r"Receiving: query\.fedlora_handshake message") == 2, tail(node.log)
         assert "pinned the server key" not in node.text()  # pinned by config, not on first use

@@ -93,6 +93,9 @@ def test_encryption_on_gives_the_same_global_adapter_as_off(tmp_path, tiny_bert_
         records = simulate(config, num_clients=2, gpus_per_client=0.0)
         assert all(r["num_accepted"] == 2 for r in records[1:])
         finals[encrypt] = load_file(str(folder / "final_adapter" / "adapter_model.safetensors"))
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (summary["payload_encryption"], summary["clients_authenticated"]) == (
+            encrypt, False)
     assert finals[True].keys() == finals[False].keys()
     for key, value in finals[False].items():
         np.testing.assert_allclose(finals[True][key], value, rtol=0, atol=1e-6)

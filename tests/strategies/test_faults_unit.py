@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,11 +70,23 @@ def configure(strategy: LoraStrategy) -> dict[int, Message]:
     return {m.metadata.dst_node_id: m for m in messages}
 
 
-def honest_state(message: Message, node_id: int) -> dict[str, np.ndarray]:
-    """What an honest node sends: the arrays it received, moved by a node-seeded step."""
-    rng = np.random.default_rng(node_id)
-    return {key: (array.numpy() + 0.1 * rng.standard_normal(array.shape)).astype(np.float32)
-            for key, array in message.content["arrays"].items()}
+def honest_state(message: Message, node_id: int, sign: float = 1.0) -> dict[str, np.ndarray]:
+    """What an honest node sends: the arrays it received, moved by a step the federation
+    shares (as training on one task does) plus the node's own part.
+
+    ``sign=-1``: that step reversed, a sign-flipping attacker with an honest norm. A
+    lower-rank node's step is the leading block of the shared one.
+    """
+    shapes = GLOBAL.to_state_dict()
+    own = np.random.default_rng(node_id)
+    out = {}
+    for key, array in sorted(message.content["arrays"].items()):
+        value = array.numpy()
+        shared = np.random.default_rng(zlib.crc32(key.encode())).standard_normal(
+            shapes[key].shape)[tuple(slice(0, s) for s in value.shape)]
+        step = 0.07 * shared + 0.07 * own.standard_normal(value.shape)
+        out[key] = (value + sign * step).astype(np.float32)
+    return out
 
 
 def record(state: dict[str, np.ndarray | Array]) -> ArrayRecord:

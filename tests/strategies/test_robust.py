@@ -14,6 +14,7 @@ from strategies.robust import (
     clip_factors,
     combine,
     coordinate_median,
+    cosine_threshold,
     max_abs,
     median_direction_cosines,
     norm_threshold,
@@ -138,3 +139,13 @@ def test_min_cosine_is_validated():
         with pytest.raises(ValueError, match="update-min-cosine must be in"):
             RobustConfig(update_min_cosine=bad)
     assert "no direction screen" in RobustConfig(update_min_cosine=-1).describe()
+
+
+def test_cosine_threshold_by_hand():
+    # the median cosine of (0.2, 0.6, 0.7) is 0.6: half of it, 0.3, is above the floor 0
+    assert cosine_threshold([0.2, 0.6, 0.7], 0.0, 0.5) == pytest.approx(0.3)
+    # a round pointing nowhere in particular (median -0.1) leaves the absolute floor in charge
+    assert cosine_threshold([-0.5, -0.1, 0.2], 0.0, 0.5) == 0.0
+    assert cosine_threshold([0.2, 0.6, 0.7], -1.0, 0.0) == -1.0
+    with pytest.raises(ValueError, match="update-cosine-ratio must be in"):
+        RobustConfig(update_cosine_ratio=1.0)

@@ -305,27 +305,11 @@ def test_settings_name_the_bad_value_and_pass_through_to_the_strategy():
 # ------------------------------------------------------------- the direction screen
 
 
-def shared_step(message: Message, node_id: int, sign: float = 1.0) -> dict[str, np.ndarray]:
-    """An honest node's update: a step all nodes share plus its own noise (``sign=-1``:
-    that update sign-flipped, an attack whose norm is an honest one's)."""
-    import zlib
-
-    shapes = GLOBAL.to_state_dict()
-    own = np.random.default_rng(node_id)
-    out = {}
-    for key, value in sorted(sent_state(message).items()):
-        common = np.random.default_rng(zlib.crc32(key.encode())).standard_normal(
-            shapes[key].shape)[tuple(slice(0, s) for s in value.shape)]
-        step = 0.1 * common + 0.03 * own.standard_normal(value.shape)
-        out[key] = (value + sign * step).astype(np.float32)
-    return out
-
-
 def shared_round(name: str, nodes=NODES, flipped: bool = False, **robust: object):
     strategy = make_strategy(name, **robust)
     messages = configure(strategy)
-    replies = [Message(content(shared_step(messages[n], n, -1.0 if flipped and n == FAULTY
-                                           else 1.0), COUNTS[n], 0.01 * n),
+    replies = [Message(content(honest_state(messages[n], n, -1.0 if flipped and n == FAULTY
+                                            else 1.0), COUNTS[n], 0.01 * n),
                        reply_to=messages[n]) for n in nodes]
     arrays, metrics = strategy.aggregate_train(1, replies)
     return strategy, arrays, metrics
