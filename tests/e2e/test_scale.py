@@ -19,12 +19,14 @@ def test_hundred_clients_with_ten_percent_sampled(tmp_path, tiny_bert_dir):
         writer.writerow(["body", "topic", "source"])
         writer.writerows(make_texts(2000))
     results = tmp_path / "run"
-    # update-cosine-ratio 0: two local steps of a tiny random model are too weakly aligned
-    # for the direction screen's relative rule (with the default 0.5 it rejected one honest
-    # update of 20 here; README, "Malicious updates"); this test is about scale
+    # the direction screen off: two local steps of a tiny random model on toy data are too
+    # weakly aligned for it (over runs it rejected an honest update at 0.49 x the round's
+    # median cosine, and one at cosine -0.19; README, "Malicious updates"), and which 10
+    # of the 100 partitions a round samples changes from run to run (random node ids).
+    # This test is about scale.
     config = tiny_run_config(tiny_bert_dir, data, **{
         "num-rounds": 2, "fraction-train": 0.1, "min-train-nodes": 2, "local-steps": 2,
-        "results-dir": str(results), "eval-subset": 60, "update-cosine-ratio": 0.0})
+        "results-dir": str(results), "eval-subset": 60, "update-min-cosine": -1.0})
     records = simulate(config, num_clients=100, gpus_per_client=0.0)
 
     assert [r["round"] for r in records] == [0, 1, 2]
