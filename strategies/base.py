@@ -312,16 +312,20 @@ class RobustRound(Aggregation):
         stats = self.stats
         stats.details["update_cosines"] = {str(u.node_id): c
                                            for (u, _), c in zip(self.held, cosines, strict=True)}
+        self._withdraw([
+            f"update direction: cosine {cosine:.3f} with the round's median change is below "
+            f"{limit:.3f} (update-min-cosine {threshold:g}, or update-cosine-ratio "
+            f"{self.config.update_cosine_ratio:g} x the round's median cosine)"
+            if cosine < limit else None for cosine in cosines])
+
+    def _withdraw(self, reasons: Sequence[str | None]) -> None:
+        """Withdraw each held update whose reason is not None (one reason per held update)."""
         kept = []
-        for (update, norm), cosine in zip(self.held, cosines, strict=True):
-            if cosine < limit:
-                stats.withdraw(update.node_id, (
-                    f"update direction: cosine {cosine:.3f} with the round's median change "
-                    f"is below {limit:.3f} (update-min-cosine {threshold:g}, or "
-                    f"update-cosine-ratio {self.config.update_cosine_ratio:g} x the round's "
-                    f"median cosine)"))
-            else:
+        for (update, norm), reason in zip(self.held, reasons, strict=True):
+            if reason is None:
                 kept.append((update, norm))
+            else:
+                self.stats.withdraw(update.node_id, reason)
         self.held = kept
         self.count = len(kept)
 
@@ -337,17 +341,10 @@ class RobustRound(Aggregation):
         limit = norm_threshold(norms, self.config.update_norm_bound)
         if limit is None:
             return
-        kept = []
-        for update, norm in self.held:
-            if norm > limit:
-                stats.withdraw(update.node_id, (
-                    f"update norm {norm:.4g} exceeds update-norm-bound "
-                    f"{self.config.update_norm_bound:g} x the round's median update norm "
-                    f"{median:.4g} (= {limit:.4g})"))
-            else:
-                kept.append((update, norm))
-        self.held = kept
-        self.count = len(kept)
+        self._withdraw([
+            f"update norm {norm:.4g} exceeds update-norm-bound "
+            f"{self.config.update_norm_bound:g} x the round's median update norm "
+            f"{median:.4g} (= {limit:.4g})" if norm > limit else None for norm in norms])
 
     def result(self) -> LoraAdapter:
         """The strategy's aggregate of the screened updates, under the robust aggregator."""
