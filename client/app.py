@@ -192,6 +192,7 @@ def train(
         "setup-seconds": setup_seconds,
         **({} if age is None else {"process-age-seconds": age}),
         "rank": adapter.max_rank,
+        "dropped-examples": data.dropped,
         **(result.metrics() if hasattr(result, "metrics") else {}),
     })
     outgoing = select_parts(trained, instructions.send_parts)
@@ -208,8 +209,7 @@ def evaluate(
     shard of the server's held-out split.
     """
     from task.runtime import cached_runtime
-    from task.training import auto_eval_batch_size, encode
-    from task.training import evaluate as evaluate_model
+    from task.training import auto_eval_batch_size, evaluate_task
 
     settings = _settings(context, overrides)
     partition_id, num_partitions = node_partition(context.node_config)
@@ -228,10 +228,11 @@ def evaluate(
     data = runtime.encoded_local_test(partition_id, num_partitions)
     if len(data) == 0:  # no local held-out share: this node's shard of the server's split
         shard = runtime.data.test.shard(num_shards=num_partitions, index=partition_id)
-        data = encode(shard, runtime.tokenizer, settings.data.max_length, settings.model.task)
-    scores = evaluate_model(runtime.model, runtime.tokenizer, data,
-                            batch_size=auto_eval_batch_size(runtime.device),
-                            device=runtime.device, autocast=runtime.autocast)
+        data = runtime.encode(shard)
+    scores = evaluate_task(runtime.model, runtime.tokenizer, data,
+                           batch_size=auto_eval_batch_size(runtime.device),
+                           device=runtime.device, autocast=runtime.autocast,
+                           generation=settings.generation).scores
     metrics = MetricRecord({"num-examples": len(data),
                             **{f"eval-{k}": v for k, v in scores.items()}})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)

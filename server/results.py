@@ -82,6 +82,15 @@ class ResultsWriter:
             shutil.rmtree(old)
         return path
 
+    def write_samples(self, server_round: int, samples: list[dict[str, str]]) -> Path | None:
+        """Write a round's generated samples to ``samples/round-NNN.jsonl`` (none: nothing)."""
+        if not samples:
+            return None
+        path = self.root / "samples" / f"round-{server_round:03d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        return path
+
     def write_json(self, name: str, payload: Any) -> Path:
         """Write an extra JSON file (a summary, rejections) into the folder."""
         path = self.root / name

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from server.settings import RunSettings
 from server.state import ServerState, StateStore
 from strategies import LoraStrategy, get_strategy_class
 from strategies.wire import adapter_to_record, record_to_adapter, state_to_record
+from task.tasks import Task, get_task
 from task.training import Encoded
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -120,10 +121,30 @@ class RunSummary:
         """The last round's record."""
         return self.records[-1]
 
-    def best(self, key: str = "eval_accuracy") -> float | None:
+    def best(self, key: str = "eval_accuracy", higher_is_better: bool = True) -> float | None:
         """The best value of ``key`` over the evaluated rounds."""
         values = [r[key] for r in self.records if r.get(key) is not None]
-        return max(values) if values else None
+        if not values:
+            return None
+        return max(values) if higher_is_better else min(values)
+
+
+def no_update_accepted(history: Mapping[int, Any], first_round: int) -> str | None:
+    """Why no round from ``first_round`` on accepted any client update, or None if one did.
+
+    A run whose every client failed (or was rejected) in every round has trained
+    nothing; the message quotes the first failure so the cause is on screen.
+    """
+    rounds = [stats for r, stats in sorted(history.items()) if r >= first_round]
+    if not rounds or any(stats.accepted > 0 for stats in rounds):
+        return None
+    failures = [f for stats in rounds for f in (*stats.failures, *stats.rejections)]
+    first = (f"; first: node {failures[0][0]}: {failures[0][1]}" if failures else
+             "; no client replied")
+    failed = sum(s.failed for s in rounds)
+    rejected = sum(s.rejected for s in rounds)
+    return (f"no client update was accepted in any of {len(rounds)} round(s) ({failed} "
+            f"failed, {rejected} rejected){first}")
 
 
 class FederatedRun:
@@ -145,23 +166,38 @@ class FederatedRun:
         self.state_store = StateStore(settings.federation.results_dir)
         self.on_round = on_round
 
+    #: held-out examples the task could not encode (a response longer than max-length)
+    eval_dropped: int = 0
+
+    @property
+    def task(self) -> Task:
+        """The run's task (what the model learns and how it is scored)."""
+        return get_task(self.settings.task.model.task)
+
     def _should_evaluate(self, server_round: int) -> bool:
         fed = self.settings.federation
         return server_round % fed.eval_every == 0 or server_round == fed.num_rounds
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate on the server, checkpoint and record metrics after a round (and before one)."""
-        from task.training import evaluate
+        """Evaluate on the server, checkpoint and record metrics after a round (and before one).
+
+        The task scores the adapter (:meth:`task.tasks.base.Task.evaluate`); a task that
+        generates also gives samples, written to ``samples/round-NNN.jsonl``.
+        """
+        from task.training import evaluate_task
 
         started = time.monotonic()
         alpha = self.settings.task.lora.lora_alpha
         self.runtime.set_adapter(record_to_adapter(arrays, alpha))
         scores: dict[str, float] = {}
         if self._should_evaluate(server_round):
-            scores = evaluate(self.runtime.model, self.runtime.tokenizer,
-                              self._eval_data(server_round),
-                              batch_size=self.settings.federation.eval_batch(self.runtime.device),
-                              device=self.runtime.device, autocast=self.runtime.autocast)
+            result = evaluate_task(
+                self.runtime.model, self.runtime.tokenizer, self._eval_data(server_round),
+                batch_size=self.settings.federation.eval_batch(self.runtime.device),
+                device=self.runtime.device, autocast=self.runtime.autocast,
+                generation=self.settings.task.generation)
+            scores = result.scores
+            self.writer.write_samples(server_round, result.samples)
         if server_round > 0 and self.settings.federation.keep_checkpoints > 0:
             self.writer.save_checkpoint(self.runtime.model, server_round)
         record = self._round_record(server_round, scores, time.monotonic() - started)
@@ -175,12 +211,12 @@ class FederatedRun:
         """The held-out split, or its fixed subset for intermediate rounds."""
         fed = self.settings.federation
         data = self.runtime.encoded_test()
+        self.eval_dropped = data.dropped
         if fed.eval_subset == 0 or fed.eval_subset >= len(data) or \
                 server_round == fed.num_rounds:
             return data
         order = np.random.default_rng(fed.seed).permutation(len(data))[: fed.eval_subset]
-        return Encoded([data.input_ids[i] for i in order],
-                       None if data.labels is None else [data.labels[i] for i in order])
+        return data.subset([int(i) for i in order])
 
     def _round_record(self, server_round: int, scores: dict[str, float],
                       eval_seconds: float) -> dict[str, Any]:
@@ -218,8 +254,9 @@ class FederatedRun:
     def _log_round(self, r: dict[str, Any]) -> None:
         total = self.settings.federation.num_rounds
         parts = [f"[round {r['round']}/{total}]"]
-        if r.get("eval_accuracy") is not None:
-            parts.append(f"accuracy {r['eval_accuracy']:.4f}")
+        for key in dict.fromkeys((self.task.metric, "accuracy", "exact_match")):
+            if r.get(f"eval_{key}") is not None:
+                parts.append(f"{key.replace('_', ' ')} {r[f'eval_{key}']:.4f}")
         if r.get("eval_loss") is not None:
             parts.append(f"eval loss {r['eval_loss']:.4f}")
         if r.get("train_loss") is not None:
@@ -274,20 +311,31 @@ class FederatedRun:
         plot_metrics(summary.records, self.writer.root / "metrics.png",
                      title=f"{fed.strategy} on {self.settings.task.data.dataset}")
         rejections = {r: s.rejections for r, s in self.strategy.history.items() if s.rejections}
+        no_update = no_update_accepted(self.strategy.history, first_round)
         self.writer.write_json("summary.json", {
             "strategy": fed.strategy,
             "rounds": fed.num_rounds,
             "resumed_after_round": None if resumed is None else resumed.round,
             "final": summary.final,
             "best_eval_accuracy": summary.best(),
+            "metric": self.task.metric,
+            "best": summary.best(f"eval_{self.task.metric}",
+                                 self.task.higher_is_better),
+            "dropped_examples": {
+                "eval": self.eval_dropped,
+                "train_last_round": int(summary.final.get("dropped_examples") or 0)},
             "seconds": summary.seconds,
             "rejections": {str(k): v for k, v in rejections.items()},
             "dp_private_against_server": privacy.private_against_server,
             "payload_encryption": isinstance(self.runner, EncryptedStrategy),
             "clients_authenticated": isinstance(self.runner, EncryptedStrategy)
             and self.runner.allowed_clients is not None,
+            "no_update_accepted": no_update,
         })
         log(INFO, "results written to %s", self.writer.root)
+        if no_update is not None:
+            log(ERROR, "%s", no_update)
+            raise RuntimeError(no_update)
         return summary
 
     def save_state(self, server_round: int, arrays: ArrayRecord) -> None:

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from simulations.generate import add_generate_parser
+from simulations.presets import PRESETS, get_preset
 from simulations.runconfig import parse_run_config
 
 # CLI option -> run-config key, for the common settings.
@@ -14,6 +16,7 @@ SIMULATE_OPTIONS = {
     "strategy": "strategy",
     "rounds": "num-rounds",
     "model": "model",
+    "task": "task",
     "dataset": "dataset",
     "seed": "seed",
     "results_dir": "results-dir",
@@ -34,14 +37,21 @@ def _add_simulate(sub: Any) -> None:
         description="Run a federated LoRA fine-tuning simulation. Defaults: the embedded "
         "MiniLM-L6 encoder on BBC News, 4 clients, Dirichlet(0.5) partitions, FedIT.",
     )
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a named simulation: " + "; ".join(
+                       f"{p.name}: {p.description}" for p in PRESETS.values()))
     p.add_argument("--strategy", help="aggregation strategy (default fedit)")
-    p.add_argument("--num-clients", type=int, default=4, help="number of simulated clients")
+    p.add_argument("--num-clients", type=int, default=None,
+                   help="number of simulated clients (default 4, or the preset's)")
     p.add_argument("--rounds", type=int, help="federated rounds")
-    p.add_argument("--model", help="minilm | tiny-bert | tiny-gpt2 | local dir | .gguf | hub id")
-    p.add_argument("--dataset", help="bbc-news | csv/json/jsonl/parquet file | text folder | hub")
+    p.add_argument("--model", help="minilm | smollm2 | tiny-bert | tiny-gpt2 | tiny-llama | "
+                   "local dir | .gguf | hub id")
+    p.add_argument("--task", help="classification | causal-lm | instruction")
+    p.add_argument("--dataset", help="bbc-news | bbc-news-instruct | csv/json/jsonl/parquet "
+                   "file | text folder | hub name")
     p.add_argument("--seed", type=int, help="run seed (data split, init, sampling)")
     p.add_argument("--results-dir", help="folder for metrics, checkpoints and plots")
-    p.add_argument("--partitioner", choices=["iid", "dirichlet", "natural"])
+    p.add_argument("--partitioner", choices=["auto", "iid", "dirichlet", "natural"])
     p.add_argument("--dirichlet-alpha", type=float, help="Dirichlet concentration (non-IID-ness)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--local-steps", type=int, help="optimizer steps per client per round")
@@ -144,19 +154,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_centralised(sub)
     _add_experiment(sub)
     _add_certs(sub)
+    add_generate_parser(sub)
     return parser
 
 
+def simulate_num_clients(args: argparse.Namespace) -> int:
+    """``--num-clients``, else the preset's, else 4."""
+    if args.num_clients is not None:
+        return int(args.num_clients)
+    return get_preset(args.preset).num_clients if args.preset else 4
+
+
 def simulate_run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run config for ``simulate``: ``--run-config`` first, explicit options over it."""
-    config: dict[str, Any] = parse_run_config(args.run_config)
+    """The run config for ``simulate``: the preset, ``--run-config`` over it, options last."""
+    config: dict[str, Any] = dict(get_preset(args.preset).run_config) if args.preset else {}
+    config.update(parse_run_config(args.run_config))
     for option, key in SIMULATE_OPTIONS.items():
         value = getattr(args, option)
         if value is not None:
             config[key] = value
-    config.setdefault("min-train-nodes", min(2, args.num_clients))
-    config.setdefault("min-available-nodes", args.num_clients)
+    num_clients = simulate_num_clients(args)
+    config.setdefault("min-train-nodes", min(2, num_clients))
+    config.setdefault("min-available-nodes", num_clients)
     return config
+
+
+#: evaluation scores the summary table shows first, when a run has them
+SCORE_ORDER = ("accuracy", "exact_match", "rouge_l", "perplexity", "loss")
+
+
+def score_columns(records: list[dict[str, Any]]) -> list[str]:
+    """The ``eval_*`` score keys of the records, the headline ones first, timings left out."""
+    present = {k for r in records for k, v in r.items()
+               if k.startswith("eval_") and k != "eval_seconds" and v is not None}
+    ranked = [f"eval_{name}" for name in SCORE_ORDER if f"eval_{name}" in present]
+    return ranked + sorted(present - set(ranked))
 
 
 def _print_summary(records: list[dict[str, Any]], results_dir: str) -> None:
@@ -164,15 +196,17 @@ def _print_summary(records: list[dict[str, Any]], results_dir: str) -> None:
     from rich.table import Table
 
     table = Table(title="fedlora simulation")
-    for column in ("round", "accuracy", "eval loss", "train loss", "MB up", "MB down", "s"):
+    scores = score_columns(records)
+    for column in ("round", *(k.removeprefix("eval_").replace("_", " ") for k in scores),
+                   "train loss", "MB up", "MB down", "s"):
         table.add_column(column, justify="right")
 
     def fmt(value: Any, spec: str) -> str:
         return "" if value is None else format(value, spec)
 
     for r in records:
-        table.add_row(str(r["round"]), fmt(r.get("eval_accuracy"), ".4f"),
-                      fmt(r.get("eval_loss"), ".4f"), fmt(r.get("train_loss"), ".4f"),
+        table.add_row(str(r["round"]), *(fmt(r.get(k), ".4f") for k in scores),
+                      fmt(r.get("train_loss"), ".4f"),
                       fmt(r["bytes_up"] / 1e6, ".2f"), fmt(r["bytes_down"] / 1e6, ".2f"),
                       fmt(r["seconds"], ".1f"))
     console = Console()
@@ -186,7 +220,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
     config = simulate_run_config(args)
     settings = RunSettings.from_run_config(config)
-    records = simulate(config, num_clients=args.num_clients,
+    records = simulate(config, num_clients=simulate_num_clients(args),
                        cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     _print_summary(records, settings.federation.results_dir)
     return 0

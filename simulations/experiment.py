@@ -90,6 +90,19 @@ class ExperimentSpec:
     threshold: float = 0.8
     seeds: tuple[int, ...] = (0, 1, 2)
     hooks: str = ""
+    #: more per-round scores the report follows from round 0 (before training) to the last
+    gain_keys: tuple[str, ...] = ()
+
+    @property
+    def score_key(self) -> str:
+        """The record key that scores a round: ``eval_`` + the task's metric (accuracy...).
+
+        The summaries' "accuracy" figures (final, best, rounds to threshold, the curve)
+        are this score; :mod:`task.tasks` says which one each task ranks rounds by.
+        """
+        from task.tasks import get_task
+
+        return f"eval_{get_task(str(self.base_config.get('task', 'classification'))).metric}"
 
     def hook(self, name: str) -> Any:
         """The function ``name`` of the ``hooks`` module, or None."""
@@ -180,7 +193,8 @@ class ExperimentSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> ExperimentSpec:
         """Rebuild a spec written by :meth:`to_dict`."""
         return cls(**{**data, "variants": [Variant(**v) for v in data["variants"]],
-                      "seeds": tuple(data.get("seeds", (0, 1, 2)))})
+                      "seeds": tuple(data.get("seeds", (0, 1, 2))),
+                      "gain_keys": tuple(data.get("gain_keys", ()))})
 
 
 @dataclass
@@ -386,10 +400,11 @@ def _mean_or_none(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def rounds_to_threshold(records: Sequence[Mapping[str, Any]], threshold: float) -> int | None:
-    """The first round whose held-out accuracy is at least ``threshold`` (None if never)."""
+def rounds_to_threshold(records: Sequence[Mapping[str, Any]], threshold: float,
+                        key: str = "eval_accuracy") -> int | None:
+    """The first round whose score ``key`` is at least ``threshold`` (None if never)."""
     for record in records:
-        accuracy = record.get("eval_accuracy")
+        accuracy = record.get(key)
         if accuracy is not None and accuracy >= threshold:
             return int(record["round"])
     return None
@@ -399,15 +414,16 @@ def summarise_variant(spec: ExperimentSpec, variant: Variant,
                       runs: Sequence[RunResult]) -> VariantSummary:
     """The variant's summary over its successful runs (see :class:`VariantSummary`)."""
     ok = [r.records for r in runs if r.ok]
-    reached = [n for n in (rounds_to_threshold(rec, spec.threshold) for rec in ok)
+    key = spec.score_key
+    reached = [n for n in (rounds_to_threshold(rec, spec.threshold, key) for rec in ok)
                if n is not None]
     return VariantSummary(
         variant=variant.name,
         group=spec.group_of(variant),
         runs=len(runs),
         failed=sum(not r.ok for r in runs),
-        final_accuracy=Stat.of(_last_value(rec, "eval_accuracy") for rec in ok),
-        best_accuracy=Stat.of(max(_values(rec, "eval_accuracy"), default=None) for rec in ok),
+        final_accuracy=Stat.of(_last_value(rec, key) for rec in ok),
+        best_accuracy=Stat.of(max(_values(rec, key), default=None) for rec in ok),
         final_eval_loss=Stat.of(_last_value(rec, "eval_loss") for rec in ok),
         bytes_up_per_round=Stat.of(_mean_or_none(_values(rec, "bytes_up", 1)) for rec in ok),
         bytes_down_per_round=Stat.of(_mean_or_none(_values(rec, "bytes_down", 1)) for rec in ok),
@@ -415,7 +431,7 @@ def summarise_variant(spec: ExperimentSpec, variant: Variant,
         reached_threshold=len(reached),
         agg_error_mean=Stat.of(_mean_or_none(_values(rec, "agg_error_mean", 1)) for rec in ok),
         seconds=Stat.of(sum(_values(rec, "seconds")) for rec in ok),
-        accuracy_curve=metric_curve(runs, "eval_accuracy"),
+        accuracy_curve=metric_curve(runs, key),
     )
 
 
@@ -487,9 +503,9 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _final_accuracy_text(records: Sequence[Mapping[str, Any]]) -> str:
-    accuracy = _last_value(records, "eval_accuracy")
-    return "" if accuracy is None else f"; final accuracy {accuracy:.4f}"
+def _final_score_text(records: Sequence[Mapping[str, Any]], key: str) -> str:
+    score = _last_value(records, key)
+    return "" if score is None else f"; final {key.removeprefix('eval_')} {score:.4f}"
 
 
 def _execute_run(
@@ -571,7 +587,8 @@ def run_experiment(
         records = completed_records(run_dir, config) if resume else None
         if records is not None:
             runs.append(RunResult(variant.name, seed, str(run_dir), records, reused=True))
-            print(f"{head}: reused the finished run in {run_dir}{_final_accuracy_text(records)}",
+            score = _final_score_text(records, spec.score_key)
+            print(f"{head}: reused the finished run in {run_dir}{score}",
                   flush=True)
         else:
             print(f"{head}: running (elapsed {_format_duration(time.monotonic() - started)})",
@@ -580,7 +597,8 @@ def run_experiment(
                                spec.num_clients, simulate_options or {})
             runs.append(run)
             executed += 1
-            print(_run_done_text(head, run, started, executed, len(plan) - i), flush=True)
+            print(_run_done_text(head, run, started, executed, len(plan) - i,
+                                 spec.score_key), flush=True)
         ExperimentResult(spec, seeds, results_dir, runs, summarise(spec, runs)).save()
     result = ExperimentResult(spec, seeds, results_dir, runs, summarise(spec, runs))
     result.save()
@@ -592,10 +610,11 @@ def run_experiment(
 
 
 def _run_done_text(head: str, run: RunResult, started: float, executed: float,
-                   remaining: int) -> str:
+                   remaining: int, score_key: str = "eval_accuracy") -> str:
     elapsed = time.monotonic() - started
     if run.ok:
-        text = f"{head}: done in {run.wall_seconds or 0:.1f} s{_final_accuracy_text(run.records)}"
+        score = _final_score_text(run.records, score_key)
+        text = f"{head}: done in {run.wall_seconds or 0:.1f} s{score}"
     else:
         text = f"{head}: FAILED after {run.wall_seconds or 0:.1f} s: {run.error}"
     text += f" (elapsed {_format_duration(elapsed)}"

@@ -58,9 +58,13 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def summary_table(summaries: Sequence[VariantSummary], threshold: float) -> str:
-    """A markdown table with one row per variant (see :class:`VariantSummary`)."""
-    header = ["variant", "final accuracy", "best accuracy", f"rounds to ≥ {threshold:g}",
+def summary_table(summaries: Sequence[VariantSummary], threshold: float,
+                  score: str = "accuracy") -> str:
+    """A markdown table with one row per variant (see :class:`VariantSummary`).
+
+    ``score``: the name of the task's score (the "accuracy" fields of the summaries).
+    """
+    header = ["variant", f"final {score}", f"best {score}", f"rounds to ≥ {threshold:g}",
               "upload / round", "aggregation error", "final eval loss", "runs ok"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
@@ -178,9 +182,10 @@ def write_plots(result: ExperimentResult) -> list[Path]:
     """
     out = result.results_dir
     paths: list[Path] = []
-    if _has_key(result, "eval_accuracy"):
-        paths.append(plot_metric(result, "eval_accuracy", out / ACCURACY_PLOT,
-                                 "held-out accuracy"))
+    key = result.spec.score_key
+    if _has_key(result, key):
+        paths.append(plot_metric(result, key, out / ACCURACY_PLOT,
+                                 f"held-out {key.removeprefix('eval_').replace('_', ' ')}"))
     elif _has_key(result, "eval_loss"):
         paths.append(plot_metric(result, "eval_loss", out / LOSS_PLOT, "held-out loss"))
     if _has_key(result, "agg_error_mean"):
@@ -218,7 +223,8 @@ def _results_section(result: ExperimentResult) -> list[str]:
     for group, summaries in result.groups().items():
         if result.spec.group_by is not None:
             lines += [f"### {_group_title(result, group)}", ""]
-        lines += [summary_table(summaries, result.spec.threshold), ""]
+        lines += [summary_table(summaries, result.spec.threshold,
+                                result.spec.score_key.removeprefix("eval_")), ""]
     lines += [
         "Mean ± sample standard deviation over the seeds whose run finished. Final = after "
         "the last round; best = best evaluated round (round 0 = before training included); "
@@ -228,6 +234,46 @@ def _results_section(result: ExperimentResult) -> list[str]:
         "the strategy's mean relative error ‖aggregate − exact‖ / ‖exact‖ over modules, "
         "averaged over rounds ≥ 1 (— when the strategy does not report it).", ""]
     return lines
+
+
+def gains_table(result: ExperimentResult) -> str:
+    """A markdown table of each ``gain_keys`` score at round 0, the last round, and the gain.
+
+    One row per variant and score: mean ± sample standard deviation over the finished
+    seeds of the score before training (round 0), after the last round, and their
+    difference (computed per seed).
+    """
+    lines = ["| variant | score | round 0 | last round | gain |", "|---|---|---|---|---|"]
+    for variant in result.spec.variants:
+        runs = [r for r in result.runs if r.ok and r.variant == variant.name]
+        for key in result.spec.gain_keys:
+            pairs = [(_round_value(r.records, 0, key), _last(r.records, key)) for r in runs]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            cells = [Stat.of(a for a, _ in pairs), Stat.of(b for _, b in pairs),
+                     Stat.of(b - a for a, b in pairs)]
+            lines.append(f"| `{_cell(variant.name)}` | `{key.removeprefix('eval_')}` | "
+                         + " | ".join(format_stat(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _round_value(records: Sequence[dict[str, Any]], server_round: int, key: str) -> float | None:
+    for record in records:
+        if int(record["round"]) == server_round and record.get(key) is not None:
+            return float(record[key])
+    return None
+
+
+def _last(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in records if r.get(key) is not None]
+    return values[-1] if values else None
+
+
+def _gains_section(result: ExperimentResult) -> list[str]:
+    if not result.spec.gain_keys:
+        return []
+    return ["## From round 0 to the last round", "", gains_table(result), "",
+            "Round 0 scores the initial adapter (the base model before any training: "
+            "zero-shot); mean ± sample standard deviation over the finished seeds.", ""]
 
 
 def _failures_section(result: ExperimentResult) -> list[str]:
@@ -271,6 +317,7 @@ def render_report(result: ExperimentResult, plots: Sequence[Path] = (),
                   "```bash", command, "```", ""]
     lines += _settings_section(result)
     lines += _results_section(result)
+    lines += _gains_section(result)
     extra = result.spec.hook("report_sections")
     if extra is not None:
         lines += extra(result)

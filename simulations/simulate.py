@@ -79,6 +79,7 @@ def simulate(
     results = Path(settings.federation.results_dir)
     metrics_path = results / "metrics.json"
     metrics_path.unlink(missing_ok=True)
+    (results / "summary.json").unlink(missing_ok=True)  # this run writes its own
     gpus = default_gpus_per_client(num_clients) if gpus_per_client is None else gpus_per_client
     try:
         run_simulation(
@@ -95,6 +96,11 @@ def simulate(
     records: list[dict[str, Any]] = json.loads(metrics_path.read_text())
     if not records or records[-1]["round"] != settings.federation.num_rounds:
         raise RuntimeError(f"the simulation stopped before its last round; see {metrics_path}")
+    summary_path = results / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("no_update_accepted"):
+        raise RuntimeError(f"the run trained nothing: {summary['no_update_accepted']} "
+                           f"(see {summary_path} and the log above)")
     return records
 
 

@@ -110,6 +110,8 @@ class RoundStats:
     bytes_up: int = 0
     train_loss: float | None = None
     rejections: list[tuple[int, str]] = field(default_factory=list)
+    #: (node, error) of each reply that came back as an error (the client failed)
+    failures: list[tuple[int, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     client_ranks: dict[int, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -142,6 +144,10 @@ class RoundStats:
             epsilons = self.details.setdefault("client_epsilon", {})
             epsilons[str(node_id)] = metrics["dp-epsilon"]
             self.metrics["dp-epsilon-max"] = max(epsilons.values())
+        if metrics.get("dropped-examples"):  # records the client's data could not use
+            dropped = self.details.setdefault("client_dropped_examples", {})
+            dropped[str(node_id)] = int(metrics["dropped-examples"])
+            self.metrics["dropped-examples"] = float(sum(dropped.values()))
 
     def withdraw(self, node_id: int, reason: str) -> None:
         """Reject an update that was counted as valid (robust screening, once all are in)."""
@@ -156,6 +162,9 @@ class RoundStats:
                 self.metrics["dp-epsilon-max"] = max(epsilons.values())
             else:
                 self.metrics.pop("dp-epsilon-max", None)
+        dropped = self.details.get("client_dropped_examples", {})
+        if dropped.pop(str(node_id), None) is not None:
+            self.metrics["dropped-examples"] = float(sum(dropped.values()))
         self.reject(node_id, reason)
 
     def _update_train_loss(self) -> None:
@@ -698,6 +707,7 @@ class LoraStrategy(FedAvg):
             node_id = message.metadata.src_node_id
             if message.has_error():
                 stats.failed += 1
+                stats.failures.append((node_id, str(message.error.reason)))
                 log(WARNING, "round %d: node %d failed: %s", server_round, node_id,
                     message.error.reason)
                 continue

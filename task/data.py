@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING
 
 from task.model import package_dir, quiet_libraries
 from task.settings import DataSettings
+from task.tasks.base import require_columns
+from task.tasks.classification import LABEL_COLUMN, TEXT_COLUMN
+from task.tasks.registry import as_task
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from task.tasks.base import Task
+
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-TEXT_COLUMN, LABEL_COLUMN = "text", "label"
+__all__ = ["LABEL_COLUMN", "TEXT_COLUMN", "TaskData", "load_partition", "load_task_data",
+           "make_partitioner"]
 
 
 def _read_text(path: Path) -> str:
@@ -49,12 +55,16 @@ def bbc_news_dir() -> Path:
 
 
 def load_raw_dataset(name: str) -> Dataset:
-    """Load ``bbc-news``, a text folder, a local file, or a hub dataset (train split)."""
+    """Load ``bbc-news``, ``bbc-news-instruct``, a text folder, a local file, or a hub dataset."""
     from datasets import load_dataset
 
     quiet_libraries()
     if name == "bbc-news":
         return read_text_folder(bbc_news_dir())
+    if name == "bbc-news-instruct":
+        from task.bbc_instruct import bbc_instructions
+
+        return bbc_instructions(bbc_news_dir())
     path = Path(name).expanduser()
     if path.is_dir():
         return read_text_folder(path)
@@ -63,34 +73,6 @@ def load_raw_dataset(name: str) -> Dataset:
             raise FileNotFoundError(f"dataset file not found: {path}")
         return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     return load_dataset(name, split="train")  # a hub dataset, for users with a network
-
-
-def prepare_columns(ds: Dataset, settings: DataSettings, task: str) -> Dataset:
-    """Rename the configured text/label columns to ``text``/``label`` and encode labels."""
-    needed = [settings.text_column]
-    if task == "classification":
-        needed.append(settings.label_column)
-    if settings.partitioner == "natural":
-        needed.append(settings.partition_by)
-    missing = [c for c in needed if c not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"column(s) {missing} not in the dataset; its columns are {ds.column_names} "
-            "(set text-column / label-column / partition-by)"
-        )
-    renames = {settings.text_column: TEXT_COLUMN}
-    if task == "classification":
-        renames[settings.label_column] = LABEL_COLUMN
-    for old, new in renames.items():
-        if old != new:
-            if new in ds.column_names:
-                ds = ds.remove_columns(new)
-            ds = ds.rename_column(old, new)
-    if task == "classification" and type(ds.features[LABEL_COLUMN]).__name__ != "ClassLabel":
-        ds = ds.class_encode_column(LABEL_COLUMN)
-    if len(ds) == 0:
-        raise ValueError("the dataset is empty")
-    return ds
 
 
 @dataclass
@@ -103,23 +85,43 @@ class TaskData:
 
     @property
     def num_labels(self) -> int:
-        """Number of classes (0 for language modelling)."""
+        """Number of classes (0 for tasks without labels)."""
         return len(self.label_names)
 
 
-def load_task_data(settings: DataSettings, task: str) -> TaskData:
-    """Load, prepare and split the data; the split depends only on the settings' seed."""
-    ds = prepare_columns(load_raw_dataset(settings.dataset), settings, task)
-    stratify = LABEL_COLUMN if task == "classification" else None
-    split = ds.train_test_split(
-        test_size=settings.test_fraction, seed=settings.seed, stratify_by_column=stratify
-    )
-    names = list(ds.features[LABEL_COLUMN].names) if task == "classification" else []
-    return TaskData(train=split["train"], test=split["test"], label_names=names)
+def load_task_data(settings: DataSettings, task: Task | str) -> TaskData:
+    """Load, prepare (``task.prepare``) and split the data; the split depends only on the seed.
+
+    ``task``: the task or its registered name. Splits of labelled data are stratified.
+    """
+    task = as_task(task)
+    ds = task.prepare(load_raw_dataset(settings.dataset), settings)
+    if settings.partitioner == "natural":
+        require_columns(ds, [settings.partition_by], "set partition-by")
+    if len(ds) < 2:
+        raise ValueError(f"the dataset has {len(ds)} usable record(s); it needs at least 2 "
+                         "(a training pool and a held-out split)")
+    split = ds.train_test_split(test_size=settings.test_fraction, seed=settings.seed,
+                                stratify_by_column=LABEL_COLUMN if task.has_labels else None)
+    return TaskData(train=split["train"], test=split["test"], label_names=task.label_names(ds))
 
 
-def make_partitioner(settings: DataSettings, num_partitions: int, train: Dataset) -> object:
-    """The flwr-datasets partitioner named by the settings, over the train pool ``train``."""
+def partitioner_name(settings: DataSettings, task: Task) -> str:
+    """The partitioner to use: the setting, or for ``auto`` the task's default."""
+    return task.default_partitioner() if settings.partitioner == "auto" else settings.partitioner
+
+
+def make_partitioner(settings: DataSettings, num_partitions: int, train: Dataset,
+                     task: Task | str | None = None) -> object:
+    """The flwr-datasets partitioner named by the settings, over the train pool ``train``.
+
+    Raises:
+        ValueError: too many clients for the data, or Dirichlet partitioning over a
+            column the data does not have (data without labels: say partition-by, or
+            use iid).
+
+    """
+    name = partitioner_name(settings, as_task(task))
     from task.deferred_imports import defer_flwr_datasets_plotting
 
     defer_flwr_datasets_plotting()  # partitioning needs none of matplotlib/seaborn
@@ -138,9 +140,15 @@ def make_partitioner(settings: DataSettings, num_partitions: int, train: Dataset
             "use fewer clients or more data"
         )
     partitioner: IidPartitioner | DirichletPartitioner | NaturalIdPartitioner
-    if settings.partitioner == "iid":
+    if name == "dirichlet" and (settings.partition_by or LABEL_COLUMN) not in train.column_names:
+        raise ValueError(
+            f"partitioner=dirichlet splits by the '{settings.partition_by or LABEL_COLUMN}' "
+            f"column, which this data does not have (its columns: {train.column_names}); "
+            "set partition-by to a column of it, or partitioner=iid (the default for "
+            "tasks without labels)")
+    if name == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
-    elif settings.partitioner == "dirichlet":
+    elif name == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=settings.partition_by or LABEL_COLUMN,
@@ -157,7 +165,7 @@ def make_partitioner(settings: DataSettings, num_partitions: int, train: Dataset
 
 def load_partition(
     train: Dataset, settings: DataSettings, *, partition_id: int, num_partitions: int,
-    partitioner: object | None = None,
+    partitioner: object | None = None, task: Task | str | None = None,
 ) -> Dataset:
     """Client ``partition_id``'s share of the train pool.
 
@@ -172,7 +180,7 @@ def load_partition(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
     if partitioner is None:
-        partitioner = make_partitioner(settings, num_partitions, train)
+        partitioner = make_partitioner(settings, num_partitions, train, task)
     if settings.partitioner == "natural":
         available = partitioner.num_partitions  # type: ignore[attr-defined]
         if available != num_partitions:

@@ -36,9 +36,10 @@ Decisions:
   instead, which also resists attacks on the floating-point sampler; without the
   ``torchcsprng`` package it raises :class:`SecureModeUnavailable` before anything is
   touched (no silent fallback).
-- The causal-LM loss under DP is the mean over examples of each example's mean token
-  loss (per-example clipping needs a loss that is a mean over examples), not the token
-  mean over the batch that ``train_local`` uses.
+- The causal-LM and instruction loss under DP is the mean over examples of each
+  example's mean token loss (over its response tokens for instruction tuning; masked
+  tokens count for nothing): per-example clipping needs a loss that is a mean over
+  examples. ``train_local`` uses the token mean over the batch instead.
 - The ledger is written only when the round completes.
 """
 
@@ -56,7 +57,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import IAccountant
 from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
@@ -69,10 +69,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from privacy.accounting import DPSettings, PrivacyLedger, noise_for_target
 from task.settings import TrainSettings
+from task.tasks.registry import as_task
 from task.training import Encoded, TrainResult, make_batch, sample_batches
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from task.tasks.base import Task
 
 _MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad")
 _PARAM_ATTRS = (*OPACUS_PARAM_MONKEYPATCH_ATTRS, "summed_grad")
@@ -257,26 +260,20 @@ def detach_dp(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def dp_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def dp_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+            task: Task | str) -> torch.Tensor:
     """Mean over examples of each example's loss (what per-example clipping needs).
 
-    Classification (labels of shape ``[batch]``): cross-entropy, as the model's own loss.
-    Causal LM (labels like ``input_ids``, -100 on padding): each example's mean next-token
-    loss, averaged over examples.
+    Each example's loss is ``task``'s (:meth:`~task.tasks.base.Task.example_losses`):
+    cross-entropy of its label for classification; for causal LM and instruction tuning
+    the mean next-token loss over its own counted tokens (all tokens, or the response's),
+    so every example weighs the same whatever its length.
     """
-    labels = batch["labels"]
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    if labels.dim() == 1:
-        return F.cross_entropy(logits, labels)
-    targets = labels[:, 1:]
-    tokens = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                             ignore_index=-100, reduction="none").view_as(targets)
-    mask = (targets != -100).to(tokens.dtype)
-    return ((tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    return as_task(task).example_losses(model, dict(batch)).mean()
 
 
 def per_sample_grads(
-    model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], task: Task | str,
 ) -> dict[str, torch.Tensor]:
     """Opacus' per-example gradients of :func:`dp_loss` for every trainable parameter.
 
@@ -289,7 +286,7 @@ def per_sample_grads(
     model.train()
     try:
         GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True)
-        _backward(dp_loss(model, batch))
+        _backward(dp_loss(model, batch, task))
         return {name: p.grad_sample.detach().clone()  # type: ignore[attr-defined]
                 for name, p in model.named_parameters() if p.requires_grad}
     finally:
@@ -462,6 +459,7 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
 def dp_step(
     model: torch.nn.Module, optimizer: DPOptimizer, batch: Any, *, physical_batch_size: int,
     device: torch.device, autocast: torch.dtype | None = None,
+    task: Task | str = "classification",
 ) -> tuple[float | None, int]:
     """One DP-SGD step on a logical batch, in physical chunks of ``physical_batch_size``.
 
@@ -478,7 +476,7 @@ def dp_step(
     for start in starts:
         chunk = {k: v[start:start + physical_batch_size].to(device) for k, v in batch.items()}
         with _autocast(device, autocast):
-            loss = dp_loss(model, chunk)
+            loss = dp_loss(model, chunk, task)
         _backward(loss)
         total += float(loss.detach()) * int(chunk["input_ids"].shape[0])
         if start != starts[-1]:
@@ -556,7 +554,7 @@ def train_local_dp(
         for _ in range(plan.steps):
             loss, size = dp_step(model, private.optimizer, next(batches),
                                  physical_batch_size=settings.batch_size, device=device,
-                                 autocast=autocast)
+                                 autocast=autocast, task=data.task)
             seen += size
             if loss is None:
                 empty += 1

@@ -19,10 +19,18 @@ import torch
 from strategies.adapter import LoraAdapter
 from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainable_parts
 from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data, make_partitioner
-from task.model import attach_lora, autocast_dtype, load_base_model, load_tokenizer, select_device
+from task.model import (
+    attach_lora,
+    autocast_dtype,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    select_device,
+)
 from task.settings import TaskSettings
 from task.sparse import SparseBase, split_sparse
-from task.training import Encoded, encode
+from task.tasks import Task, get_task
+from task.training import Encoded
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -35,6 +43,7 @@ class TaskRuntime:
     """Model, tokenizer and data for one task configuration, built once per process."""
 
     settings: TaskSettings
+    task: Task
     model: PeftModel
     tokenizer: Any
     data: TaskData
@@ -55,14 +64,19 @@ class TaskRuntime:
     @classmethod
     def build(cls, settings: TaskSettings) -> TaskRuntime:
         """Load data and model and attach a fresh adapter, all seeded by the run seed."""
-        data = load_task_data(settings.data, settings.model.task)
+        task = get_task(settings.model.task)
+        data = load_task_data(settings.data, task)
         seed = settings.train.seed
-        base = load_base_model(settings.model, num_labels=data.num_labels, seed=seed)
-        model = attach_lora(base, settings.lora, settings.model.task, seed=seed)
+        base = load_base_model(settings.model, task, num_labels=data.num_labels, seed=seed)
+        if settings.model.gradient_checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = attach_lora(base, settings.lora, task, seed=seed)
         device = select_device(settings.model.device)
         model.to(device)
         return cls(
             settings=settings,
+            task=task,
             model=model,
             tokenizer=load_tokenizer(settings.model),
             data=data,
@@ -82,8 +96,6 @@ class TaskRuntime:
         Adapters other than the default are initialised from a seed derived from the run
         seed and the rank, so every process (clients and server) builds the same one.
         """
-        from peft import LoraConfig
-
         lora = self.settings.lora
         rank = lora.lora_rank if rank is None else rank
         alpha = lora.lora_alpha if alpha is None else alpha
@@ -92,9 +104,8 @@ class TaskRuntime:
         else:
             name = f"r{rank}-a{alpha:g}"
         if name not in self.model.peft_config:
-            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=lora.lora_dropout,
-                                target_modules=lora.target_module_list,
-                                task_type=self.model.peft_config[DEFAULT_ADAPTER].task_type)
+            config = lora_config(lora, self.task, self.model.get_base_model(), rank=rank,
+                                 alpha=alpha)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.settings.train.seed * 7919 + rank)
                 self.model.add_adapter(name, config)
@@ -153,7 +164,7 @@ class TaskRuntime:
         if key not in self._encoded:
             part = load_partition(self.data.train, self.settings.data,
                                   partition_id=partition_id, num_partitions=num_partitions,
-                                  partitioner=self._partitioner(num_partitions))
+                                  partitioner=self._partitioner(num_partitions), task=self.task)
             if self.settings.data.audit_canaries > 0:
                 from task.canaries import insert_canaries
 
@@ -165,8 +176,8 @@ class TaskRuntime:
                 split = part.train_test_split(test_size=fraction, seed=self.settings.data.seed)
                 self._encoded[key] = (self.encode(split["train"]), self.encode(split["test"]))
             else:
-                self._encoded[key] = (self.encode(part), Encoded([], [] if
-                                      self.settings.model.task == "classification" else None))
+                encoded = self.encode(part)
+                self._encoded[key] = (encoded, encoded.empty())
         return self._encoded[key]
 
     def _partitioner(self, num_partitions: int) -> object:
@@ -174,7 +185,7 @@ class TaskRuntime:
         key = ("partitioner", num_partitions)
         if key not in self._encoded:
             self._encoded[key] = make_partitioner(self.settings.data, num_partitions,
-                                                  self.data.train)
+                                                  self.data.train, self.task)
         return self._encoded[key]
 
     def audit_canaries(self) -> tuple[Canaries, np.ndarray]:
@@ -189,9 +200,10 @@ class TaskRuntime:
         from task.canaries import make_canaries, split_canaries
 
         if "canaries" not in self._encoded:
-            if self.settings.model.task != "classification":
-                raise ValueError("audit-canaries needs task 'classification' (canaries are "
-                                 "randomly labelled examples); set audit-canaries=0")
+            if not self.task.has_labels:
+                raise ValueError(f"audit-canaries needs a task with labels (canaries are "
+                                 f"randomly labelled examples), not '{self.task.name}'; set "
+                                 "audit-canaries=0")
             canaries = make_canaries(self.data.train[TEXT_COLUMN], self.data.num_labels,
                                      self.settings.data.audit_canaries,
                                      seed=self.settings.data.seed)
@@ -206,8 +218,8 @@ class TaskRuntime:
         return self._encoded["test"]
 
     def encode(self, ds: Any) -> Encoded:
-        """Tokenize a dataset with this runtime's tokenizer and settings."""
-        return encode(ds, self.tokenizer, self.settings.data.max_length, self.settings.model.task)
+        """Tokenize a prepared dataset with this runtime's task, tokenizer and settings."""
+        return self.task.encode(ds, self.tokenizer, self.settings.data.max_length)
 
 
 def _runtime_key(settings: TaskSettings) -> tuple[Any, ...]:

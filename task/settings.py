@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-TASKS = ("classification", "causal-lm")
-PARTITIONERS = ("iid", "dirichlet", "natural")
+PARTITIONERS = ("auto", "iid", "dirichlet", "natural")
+INSTRUCTION_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: the run's rounds when the run config does not say (the server's and the clients' default)
@@ -86,18 +86,25 @@ class ModelSettings:
     """Which model to fine-tune and where it runs.
 
     ``model``: ``minilm`` (the embedded MiniLM-L6 encoder), ``smollm2`` (the embedded
-    SmolLM2-135M GGUF), ``tiny-bert`` / ``tiny-gpt2`` (tiny random models for tests),
-    a local directory, a ``.gguf`` file, or a Hugging Face hub id.
+    SmolLM2-135M-Instruct, from its GGUF, converted once into a cached folder),
+    ``tiny-bert`` / ``tiny-gpt2`` / ``tiny-llama`` (tiny random models for tests), a
+    local directory, a ``.gguf`` file, or a Hugging Face hub id. ``task``: a registered
+    task (:mod:`task.tasks`): ``classification``, ``causal-lm`` or ``instruction``.
+    ``gradient_checkpointing``: recompute activations in the backward pass (less memory,
+    about a third more compute).
     """
 
     model: str = "minilm"
     task: str = "classification"
     precision: str = "auto"
     device: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        from task.tasks.registry import get_task
+
         _check(bool(self.model), "model must not be empty")
-        _check(self.task in TASKS, f"task must be one of {TASKS}, got '{self.task}'")
+        get_task(self.task)  # raises, naming the registered tasks
         _check(self.precision in PRECISIONS,
                f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got '{self.device}'")
@@ -107,8 +114,13 @@ class ModelSettings:
 class DataSettings:
     """Which data, which columns, and how it is split across clients.
 
-    ``dataset``: ``bbc-news`` (embedded), a local file (csv, json, jsonl, parquet), a
-    folder with one sub-folder of text files per label, or a hub dataset name.
+    ``dataset``: ``bbc-news`` (embedded), ``bbc-news-instruct`` (instructions built from
+    it: :mod:`task.bbc_instruct`), a local file (csv, json, jsonl, parquet), a folder with
+    one sub-folder of text files per label, or a hub dataset name. ``partitioner``:
+    ``auto`` picks the task's (Dirichlet over labels for classification, else IID).
+    Instruction data (task ``instruction``): ``instruction_format`` and the column names
+    of each format (:mod:`task.tasks.instruction_data`); ``system_prompt`` adds a system
+    turn; ``group_column`` reports generation metrics per value of that column too.
     ``local_test_fraction``: each client keeps this share of its partition for
     evaluating its own (personalised) adapter; 0 = clients evaluate on their shard of
     the server's held-out split. ``audit_canaries``: for privacy audits, this many
@@ -119,7 +131,7 @@ class DataSettings:
     dataset: str = "bbc-news"
     text_column: str = "text"
     label_column: str = "label"
-    partitioner: str = "dirichlet"
+    partitioner: str = "auto"
     dirichlet_alpha: float = 0.5
     partition_by: str = ""
     test_fraction: float = 0.2
@@ -127,8 +139,20 @@ class DataSettings:
     max_length: int = 128
     audit_canaries: int = 0
     seed: int = 0
+    instruction_format: str = "auto"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    system_prompt: str = ""
+    group_column: str = ""
 
     def __post_init__(self) -> None:
+        _check(self.instruction_format in INSTRUCTION_FORMATS,
+               f"instruction-format must be one of {INSTRUCTION_FORMATS}, "
+               f"got '{self.instruction_format}'")
         _check(bool(self.dataset), "dataset must not be empty")
         _check(self.audit_canaries >= 0,
                f"audit-canaries must not be negative, got {self.audit_canaries}")
@@ -147,12 +171,17 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """The LoRA adapter: rank, alpha (scale = alpha / rank), dropout, target modules."""
+    """The LoRA adapter: rank, alpha (scale = alpha / rank), dropout, target modules.
+
+    ``target_modules``: comma-separated module names, ``all-linear``, or ``auto``: the
+    attention's query and value projections named as the architecture names them
+    (:func:`task.model.default_target_modules`).
+    """
 
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: str = "query,value"
+    target_modules: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.lora_rank >= 1, f"lora-rank must be at least 1, got {self.lora_rank}")
@@ -161,11 +190,17 @@ class LoraSettings:
                f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
         _check(bool(self.target_modules.strip()), "target-modules must not be empty")
 
-    @property
-    def target_module_list(self) -> list[str] | str:
-        """Target modules as peft expects them (``all-linear`` stays a string)."""
+    def target_module_list(self, model_type: str = "") -> list[str] | str:
+        """Target modules as peft expects them (``all-linear`` stays a string).
+
+        ``auto`` resolves by the model's ``config.model_type`` (``model_type``).
+        """
         if self.target_modules.strip() == "all-linear":
             return "all-linear"
+        if self.target_modules.strip() == "auto":
+            from task.model import default_target_modules
+
+            return default_target_modules(model_type)
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
 
@@ -246,6 +281,27 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class GenerationSettings:
+    """How tasks that generate (``instruction``) are scored on held-out data.
+
+    ``eval_generate``: decode greedy answers and score them (exact match, ROUGE-L);
+    off = response perplexity only. ``max_new_tokens``: the longest answer.
+    ``eval_samples``: how many (prompt, reference, generated) triples each evaluated
+    round writes to ``<results-dir>/samples/``.
+    """
+
+    eval_generate: bool = True
+    max_new_tokens: int = 32
+    eval_samples: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1,
+               f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        _check(self.eval_samples >= 0,
+               f"eval-samples must not be negative, got {self.eval_samples}")
+
+
+@dataclass(frozen=True)
 class TaskSettings:
     """Everything a client (and the server's evaluator) needs to build the task."""
 
@@ -254,6 +310,7 @@ class TaskSettings:
     lora: LoraSettings
     train: TrainSettings
     privacy: PrivacySettings = PrivacySettings()
+    generation: GenerationSettings = GenerationSettings()
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> TaskSettings:
@@ -264,6 +321,7 @@ class TaskSettings:
             lora=from_run_config(LoraSettings, config),
             train=from_run_config(TrainSettings, config),
             privacy=from_run_config(PrivacySettings, config),
+            generation=from_run_config(GenerationSettings, config),
         )
 
     @staticmethod
@@ -271,12 +329,14 @@ class TaskSettings:
         """Run-config keys read by the task settings."""
         return set().union(
             *(settings_keys(c) for c in
-              (ModelSettings, DataSettings, LoraSettings, TrainSettings, PrivacySettings))
+              (ModelSettings, DataSettings, LoraSettings, TrainSettings, PrivacySettings,
+               GenerationSettings))
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Flat run-config view of these settings."""
         flat: dict[str, Any] = {}
-        for part in (self.model, self.data, self.lora, self.train, self.privacy):
+        for part in (self.model, self.data, self.lora, self.train, self.privacy,
+                     self.generation):
             flat.update({run_config_key(k): v for k, v in dataclasses.asdict(part).items()})
         return flat

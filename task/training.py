@@ -2,80 +2,44 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from task.data import LABEL_COLUMN, TEXT_COLUMN
+from task.encoded import Encoded
 from task.settings import TrainSettings
+from task.tasks import get_task
+from task.tasks.base import autocast as _autocast
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
+    from task.settings import GenerationSettings
+    from task.tasks.base import Evaluation, Task
 
-@dataclass
-class Encoded:
-    """A tokenized dataset: token ids per example, and class labels for classification."""
-
-    input_ids: list[list[int]]
-    labels: list[int] | None
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+__all__ = ["Encoded", "TrainResult", "encode", "evaluate", "make_batch", "train_local"]
 
 
-def encode(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: str) -> Encoded:
-    """Tokenize once (truncated to ``max_length``), pad later per batch.
+def encode(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+           task: str | Task) -> Encoded:
+    """Tokenize prepared data with ``task``'s encoding (truncated to ``max_length``)."""
+    from task.tasks.registry import as_task
 
-    The token ids come from the machine's disk cache when another process already
-    tokenized the same texts the same way (:mod:`task.encode_cache`).
-    """
-    from task import encode_cache
-
-    texts = list(ds[TEXT_COLUMN])
-    labels = list(ds[LABEL_COLUMN]) if task == "classification" else None
-    fingerprint = encode_cache.tokenizer_fingerprint(tokenizer)
-    key = (None if fingerprint is None else
-           encode_cache.content_key(texts, tokenizer=fingerprint, max_length=max_length))
-    ids = None if key is None else encode_cache.load(key)
-    if ids is None or len(ids) != len(texts):
-        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        if key is not None:
-            encode_cache.save(key, ids)
-    return Encoded(input_ids=ids, labels=labels)
+    return as_task(task).encode(ds, tokenizer, max_length)
 
 
 def make_batch(
     encoded: Encoded, indices: list[int], tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Pad the selected examples into model inputs with labels."""
-    import torch
-
-    batch = tokenizer.pad({"input_ids": [encoded.input_ids[i] for i in indices]},
-                          return_tensors="pt")
-    if encoded.labels is not None:
-        batch["labels"] = torch.tensor([encoded.labels[i] for i in indices])
-    else:
-        labels = batch["input_ids"].clone()
-        labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """Pad the selected examples into model inputs with labels (the data's task collates)."""
+    return get_task(encoded.task).collate(encoded, indices, tokenizer, device)
 
 
 def sample_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
@@ -127,6 +91,7 @@ def train_local(
     per_epoch = math.ceil(len(data) / (settings.batch_size * settings.grad_accumulation))
     steps = settings.local_steps or settings.local_epochs * per_epoch
     batches = sample_batches(len(data), settings.batch_size, generator)
+    task = get_task(data.task)
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -136,7 +101,7 @@ def train_local(
         for _ in range(settings.grad_accumulation):
             batch = make_batch(data, next(batches), tokenizer, device)
             with _autocast(device, autocast):
-                loss = model(**batch).loss / settings.grad_accumulation
+                loss = task.loss(model, batch) / settings.grad_accumulation
             if penalty is not None:
                 loss = loss + penalty() / settings.grad_accumulation
             loss.backward()
@@ -160,17 +125,6 @@ def auto_eval_batch_size(device: torch.device) -> int:
     return 16 if device.type == "cpu" else 64
 
 
-def _eval_batches(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Encoded,
-    batch_size: int, device: torch.device,
-) -> Iterator[tuple[list[int], dict[str, Any]]]:
-    """The model in eval mode, then the data in order, as (indices, padded batch)."""
-    model.eval()
-    for start in range(0, len(data), batch_size):
-        indices = list(range(start, min(start + batch_size, len(data))))
-        yield indices, make_batch(data, indices, tokenizer, device)
-
-
 def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -180,25 +134,20 @@ def evaluate(
     device: torch.device,
     autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean loss, and accuracy (classification) or perplexity (causal LM)."""
-    import torch
+    """The scores of the data's task without generation (loss, accuracy or perplexity)."""
+    return evaluate_task(model, tokenizer, data, batch_size=batch_size, device=device,
+                         autocast=autocast).scores
 
-    total_loss, total_weight, correct = 0.0, 0, 0
-    with torch.inference_mode():
-        for indices, batch in _eval_batches(model, tokenizer, data, batch_size, device):
-            with _autocast(device, autocast):
-                out = model(**batch)
-            if data.labels is not None:
-                weight = len(indices)
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            else:
-                weight = int((batch["labels"][:, 1:] != -100).sum())
-            total_loss += float(out.loss) * weight
-            total_weight += weight
-    loss = total_loss / max(total_weight, 1)
-    if data.labels is not None:
-        return {"loss": loss, "accuracy": correct / max(len(data), 1)}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+def evaluate_task(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: Encoded, *,
+    batch_size: int, device: torch.device, autocast: torch.dtype | None = None,
+    generation: GenerationSettings | None = None,
+) -> Evaluation:
+    """The data's task scores the model (with generated answers where it generates)."""
+    return get_task(data.task).evaluate(model, tokenizer, data, batch_size=batch_size,
+                                        device=device, autocast=autocast,
+                                        generation=generation)
 
 
 def per_example_losses(
@@ -210,24 +159,19 @@ def per_example_losses(
     device: torch.device,
     autocast: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Each example's loss (classification: cross-entropy of its label), in data order.
+    """Each example's own loss (its task's :meth:`~task.tasks.base.Task.example_losses`).
 
     What a loss-threshold membership-inference attack scores.
-
-    Raises:
-        ValueError: the data has no labels (causal LM).
-
     """
     import torch
 
-    if data.labels is None:
-        raise ValueError("per-example losses need labelled (classification) data")
+    from task.tasks.base import eval_batches
+
+    task = get_task(data.task)
     losses: list[np.ndarray] = []
     with torch.inference_mode():
-        for _, batch in _eval_batches(model, tokenizer, data, batch_size, device):
-            labels = batch.pop("labels")
+        for _, batch in eval_batches(task, model, tokenizer, data, batch_size, device):
             with _autocast(device, autocast):
-                logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-            losses.append(loss.cpu().numpy().astype(np.float64))
+                loss = task.example_losses(model, batch)
+            losses.append(loss.float().cpu().numpy().astype(np.float64))
     return np.concatenate(losses) if losses else np.zeros(0)

@@ -127,14 +127,15 @@ def _tiny_batch(kind: str) -> dict[str, torch.Tensor]:
 def test_opacus_per_sample_grads_equal_one_example_at_a_time(kind):
     model = _tiny_lora_model(kind)
     batch = _tiny_batch(kind)
-    opacus = per_sample_grads(model, batch)
+    task = "classification" if kind == "bert" else "causal-lm"
+    opacus = per_sample_grads(model, batch, task)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(opacus) == trainable
     assert any("lora_A" in n for n in opacus) and any("lora_B" in n for n in opacus)
     assert _opacus_traces(model) == []
     for i in range(4):
         model.zero_grad(set_to_none=True)
-        dp_loss(model, {k: v[i:i + 1] for k, v in batch.items()}).backward()
+        dp_loss(model, {k: v[i:i + 1] for k, v in batch.items()}, task).backward()
         for name, param in model.named_parameters():
             if param.requires_grad:
                 assert param.grad.abs().max() > 0, name
@@ -248,7 +249,7 @@ def test_leftovers_of_an_interrupted_round_are_removed(rt):
     GradSampleHooks(rt.model)  # attached, never cleaned up: as after a crash mid-round
     data = rt.encoded_partition(0, 1)
     batch = make_batch(data, [0, 1, 2], rt.tokenizer, rt.device)
-    dp_loss(rt.model, batch)  # activations left behind by a forward without backward
+    dp_loss(rt.model, batch, data.task)  # activations left behind by a forward without backward
     assert _opacus_traces(rt.model)
     ledger = PrivacyLedger()
     train_local_dp(rt.model, rt.tokenizer, data, _steps(rt, local_steps=1),

@@ -62,5 +62,17 @@ def test_wrong_type_names_the_key():
 
 
 def test_target_modules_list_and_all_linear():
-    assert LoraSettings(target_modules="query, value").target_module_list == ["query", "value"]
-    assert LoraSettings(target_modules="all-linear").target_module_list == "all-linear"
+    assert LoraSettings(target_modules="query, value").target_module_list() == ["query", "value"]
+    assert LoraSettings(target_modules="all-linear").target_module_list() == "all-linear"
+
+
+@pytest.mark.parametrize(("model_type", "expected"), [
+    ("bert", ["query", "value"]), ("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"]),
+    ("qwen2", ["q_proj", "v_proj"])])
+def test_auto_target_modules_follow_the_architecture(model_type, expected):
+    assert LoraSettings().target_module_list(model_type) == expected
+
+
+def test_auto_target_modules_of_an_unknown_architecture_ask_for_the_setting():
+    with pytest.raises(ValueError, match="set target-modules"):
+        LoraSettings().target_module_list("mystery")
