@@ -185,3 +185,31 @@ def test_cli_stdin_and_merge(run: tuple[Path, Any], capsys: pytest.CaptureFixtur
     assert args.func(args) == 2
     assert "not found" in capsys.readouterr().err
 
+
+
+def test_final_adapter_of_a_model_folder_loads_with_auto_peft(tmp_path: Path) -> None:
+    """A run on a model folder saves an adapter that stock peft loads on its own."""
+    from peft import AutoPeftModelForCausalLM
+
+    from task.model import load_tokenizer
+
+    folder = tmp_path / "base"
+    base = load_base_model(ModelSettings(model="tiny-llama", task="instruction"),
+                           num_labels=0, seed=3)
+    base.save_pretrained(str(folder))
+    load_tokenizer(ModelSettings(model="tiny-llama")).save_pretrained(str(folder))
+    model = attach_lora(load_base_model(ModelSettings(model=str(folder), task="instruction"),
+                                        num_labels=0), LoraSettings(lora_rank=4),
+                        "instruction", seed=0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(str(tmp_path / "final_adapter"))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "final_adapter"))
+    ids = torch.tensor([[101, 2000, 2001, 2002, 102]])
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    assert not torch.allclose(plain, got, atol=1e-3)  # the adapter is applied

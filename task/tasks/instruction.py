@@ -13,14 +13,13 @@ under DP a short answer weighs as much as a long one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from logging import WARNING
 from typing import TYPE_CHECKING
 
 from task.encoded import Encoded
 from task.tasks import instruction_data as records
-from task.tasks.base import Evaluation, Task, require_columns
-from task.tasks.causal_lm import example_mean_losses, pad_causal, perplexity_scores
+from task.tasks.base import Evaluation, require_columns
+from task.tasks.causal_lm import CausalLM, perplexity_scores
 from task.tasks.generation import answer_scores, generate_answers
 from task.tasks.registry import register
 from task.tasks.templates import has_chat_template, tokenize_examples
@@ -33,8 +32,12 @@ if TYPE_CHECKING:
     from task.settings import DataSettings, GenerationSettings
 
 
-class Instruction(Task):
-    """Prompt/response pairs (Alpaca, prompt/response columns or chat messages)."""
+class Instruction(CausalLM):
+    """Prompt/response pairs (Alpaca, prompt/response columns or chat messages).
+
+    Collation and the per-example loss are causal LM's: the prompt lengths in the
+    encoded data mask the prompt tokens, so both cover the response only.
+    """
 
     name = "instruction"
     peft_task_type = "CAUSAL_LM"
@@ -87,16 +90,6 @@ class Instruction(Task):
             references=[responses[i] for i in tokens.kept],
             groups=None if groups is None else [groups[i] for i in tokens.kept],
             task=self.name, dropped=len(tokens.dropped))
-
-    def collate(self, data: Encoded, indices: Sequence[int], tokenizer: PreTrainedTokenizerBase,
-                device: torch.device) -> dict[str, torch.Tensor]:
-        """Right-padded ids; ``labels`` keep only the response tokens."""
-        return pad_causal(data, indices, tokenizer, device)
-
-    def example_losses(self, model: torch.nn.Module,
-                       batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each example's mean loss over its response tokens."""
-        return example_mean_losses(model, batch)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  data: Encoded, *, batch_size: int, device: torch.device,
