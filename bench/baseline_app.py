@@ -83,7 +83,7 @@ def train(message: Message, context: Context, settings: TaskSettings) -> Message
     data = load_raw(settings)
     tokenizer = load_tokenizer(settings.model)
     partition = load_partition(data.train, settings.data, partition_id=partition_id,
-                               num_partitions=num_partitions)
+                               num_partitions=num_partitions, task=settings.model.task)
     trainset = encode(partition, tokenizer, settings.data.max_length, settings.model.task)
     model = get_model(settings, data.num_labels)
     set_peft_model_state_dict(model, message.content.array_records["arrays"].to_torch_state_dict())

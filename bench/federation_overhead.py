@@ -35,11 +35,34 @@ cache (``FEDLORA_CACHE_DIR``, as on a first run), the baseline's has it off. Per
 - server evaluation: time of the server's per-round evaluate step (fedlora's includes
   its checkpoint), and the final held-out accuracy (a check that both trained the same);
 - server peak memory: peak RSS (``ru_maxrss``) of the driver process, which runs the
-  ServerApp (Ray's own processes and the client workers are not in it).
+  ServerApp (Ray's own processes and the client workers are not in it);
+- client peak memory: peak RSS (``VmHWM``) of each Ray worker that ran train calls, as
+  the timing wrapper reads it after each call (a worker may serve several clients).
+
+``--llm``: the embedded LLM instead (the ``smollm2-bbc`` preset's task: SmolLM2-135M-
+Instruct, ``instruction`` on ``bbc-news-instruct``, response-only loss, batch 8,
+max-length 160, LoRA r=8 on q_proj/v_proj, lr 3e-3), 2 clients x 10 steps x 2 rounds
+unless given, with ``eval-generate=false`` (response perplexity only, no generated
+answers), ``eval-every`` = the rounds and ``--eval-subset 16`` (fedlora scores the
+initial adapter on 16 held-out records while the clients set up, then only the last
+round, on all 112; ``--run-config eval-every=1`` scores every round), so that the run is
+mostly training. On SmolLM2 even perplexity is costly: scoring the 112 held-out records
+takes about six training steps' compute (46 s against 7.3 s a step, one thread), and
+the server's evaluation of round 0 shares the CPUs with the clients' set-up and first
+steps.
+``--model tiny-llama`` with it checks the wiring quickly.
+
+Besides the whole run's overhead, every run reports the rounds' own: a round spans from
+its first train call's start to its last reply (client setup, training, replies), and
+``round_overhead`` = the rounds' summed spans / training compute; what lies between
+rounds (aggregation, evaluation, messages) and after the last one (final evaluation,
+final adapter, Ray shutdown) is reported beside it.
 
 Usage: python bench/federation_overhead.py [--json] [--rounds 5] [--steps 20] [--clients 4]
   [--model minilm] [--dataset bbc-news] [--only fedlora|baseline] [--eval-subset 100]
   [--run-config "key=value ...", settings for both, e.g. the columns of --dataset]
+  [--llm: the LLM case, defaults --model smollm2 --dataset bbc-news-instruct --clients 2
+   --rounds 2 --steps 10 --eval-subset 16]
 
 A quick check of the wiring: --clients 2 --rounds 2 --steps 2 (the ratios mean nothing
 there: Ray start-up dwarfs two steps).
@@ -64,6 +87,31 @@ from flwr.clientapp import ClientApp
 
 VARIANTS = ("fedlora", "baseline")
 BENCH_DIR = Path(__file__).resolve().parent
+DEFAULTS = {"rounds": 5, "steps": 20, "clients": 4, "model": "minilm", "dataset": "bbc-news",
+            "eval_subset": 100}
+LLM_DEFAULTS = {"rounds": 2, "steps": 10, "clients": 2, "model": "smollm2",
+                "dataset": "bbc-news-instruct", "eval_subset": 16}
+
+
+def llm_run_config() -> dict[str, Any]:
+    """The smollm2-bbc preset's task settings, evaluation without generated answers."""
+    from simulations.presets import SMOLLM2_BBC
+
+    skip = ("model", "dataset", "num-rounds", "local-steps", "results-dir")
+    return {**{k: v for k, v in SMOLLM2_BBC.run_config.items() if k not in skip},
+            "target-modules": "q_proj,v_proj", "eval-generate": False}
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's peak RSS (``VmHWM``; a Ray worker's ``ru_maxrss`` may be its parent's)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 class TimedClientApp(ClientApp):
@@ -92,6 +140,7 @@ class TimedClientApp(ClientApp):
                 "train_seconds": float(metrics["train-seconds"]),
                 "setup_seconds": (float(metrics["setup-seconds"]) if "setup-seconds" in metrics
                                   else None),
+                "worker_peak_rss_mb": vm_hwm_mb(),
             }
             with open(self.log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -136,7 +185,7 @@ def run_fedlora(spec: dict[str, Any], calls_path: str, workdir: Path) -> dict[st
     if settings.federation.eval_every > 1:
         evaluation += f", every {settings.federation.eval_every} rounds and the last"
     evals = [{"round": r["round"], "seconds": r["eval_seconds"],
-              "accuracy": r.get("eval_accuracy")} for r in records]
+              "accuracy": r.get("eval_accuracy"), "loss": r.get("eval_loss")} for r in records]
     return {"wall_seconds": wall, "started_at": started_at, "evals": evals,
             "evaluation": evaluation}
 
@@ -216,10 +265,26 @@ def summarise(result: dict[str, Any], parallelism: int, expected_calls: int) -> 
     first = by_round[min(by_round)]
     evals = result["evals"]
     final = evals[-1] if evals else {}
+    spans = {r: (min(c["start"] for c in cs), max(c["end"] for c in cs))
+             for r, cs in sorted(by_round.items())}
+    rounds = sorted(spans)
+    round_wall = sum(end - start for start, end in spans.values())
+    worker_rss: dict[str, float] = {}
+    for c in calls:
+        if c.get("worker_peak_rss_mb") is not None:
+            key = str(c["pid"])
+            worker_rss[key] = max(worker_rss.get(key, 0.0), c["worker_peak_rss_mb"])
     return {
         "wall_seconds": result["wall_seconds"],
         "training_compute_seconds": training,
         "overhead": result["wall_seconds"] / training,
+        "round_wall_seconds": {str(r): end - start for r, (start, end) in spans.items()},
+        "rounds_wall_seconds_total": round_wall,
+        "round_overhead": round_wall / training,
+        "between_rounds_seconds": sum(spans[b][0] - spans[a][1]
+                                      for a, b in zip(rounds, rounds[1:], strict=False)),
+        "after_last_round_seconds": (result["started_at"] + result["wall_seconds"]
+                                     - spans[rounds[-1]][1]),
         "train_seconds_sum": sum(c["train_seconds"] for c in calls),
         "round_training_seconds": {str(r): t for r, t in round_training.items()},
         "setup_source": ("reported setup-seconds"
@@ -239,8 +304,11 @@ def summarise(result: dict[str, Any], parallelism: int, expected_calls: int) -> 
         "server_eval_seconds_total": sum(e["seconds"] for e in evals),
         "server_eval_seconds_per_round": ({str(e["round"]): e["seconds"] for e in evals}),
         "final_accuracy": final.get("accuracy"),
+        "final_loss": final.get("loss"),
         "evaluation": result["evaluation"],
         "peak_rss_mb": result["peak_rss_mb"],
+        "client_peak_rss_mb": worker_rss,
+        "client_peak_rss_mb_max": max(worker_rss.values()) if worker_rss else None,
         "workers": len({c["pid"] for c in calls}),
         "observed_max_concurrency": max_concurrency(calls),
         "calls": calls,
@@ -283,6 +351,10 @@ def print_table(out: dict[str, Any]) -> None:
         ("wall time (Ray start to shutdown)", "wall_seconds", " s", 1),
         ("training compute (critical path)", "training_compute_seconds", " s", 1),
         ("overhead = wall / training compute", "overhead", "x", 3),
+        ("rounds: first call start to last reply, summed", "rounds_wall_seconds_total", " s", 1),
+        ("round overhead = rounds / training compute", "round_overhead", "x", 3),
+        ("between rounds (aggregate, evaluate, messages)", "between_rounds_seconds", " s", 1),
+        ("after the last reply (final eval, shutdown)", "after_last_round_seconds", " s", 1),
         ("local training, sum over train calls", "train_seconds_sum", " s", 1),
         ("client setup per call, round 1 (mean)", "setup_round1_mean_seconds", " s", 2),
         ("client setup per call, later rounds (mean)", "setup_later_mean_seconds", " s", 2),
@@ -293,7 +365,9 @@ def print_table(out: dict[str, Any]) -> None:
          " s", 1),
         ("server evaluate step, all rounds", "server_eval_seconds_total", " s", 1),
         ("final held-out accuracy", "final_accuracy", "", 4),
+        ("final held-out loss", "final_loss", "", 4),
         ("server peak RSS (driver process)", "peak_rss_mb", " MB", 0),
+        ("client peak RSS (largest Ray worker)", "client_peak_rss_mb_max", " MB", 0),
         ("Ray workers used / max concurrent calls", None, "", 0),
     ]
     width = max(len(r[0]) for r in rows)
@@ -306,20 +380,25 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"{label:{width}}  " + "  ".join(f"{c:>12}" for c in cells))
     for n in names:
         print(f"{n} evaluation: {out[n]['evaluation']}; client setup: {out[n]['setup_source']}")
+        rss = ", ".join(f"{v:.0f} MB" for v in out[n]["client_peak_rss_mb"].values())
+        print(f"{n} client peak RSS per Ray worker: {rss or '-'}")
     print("training compute = sum over rounds of max(longest client, sum of clients / "
-          f"{out['parallelism']})")
+          f"{out['parallelism']}); a round = its first train call's start to its last reply")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="local steps per round")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--dataset", default="bbc-news")
+    parser.add_argument("--rounds", type=int, help="default 5 (--llm: 2)")
+    parser.add_argument("--steps", type=int, help="local steps per round, default 20 (--llm: 10)")
+    parser.add_argument("--clients", type=int, help="default 4 (--llm: 2)")
+    parser.add_argument("--model", help="default minilm (--llm: smollm2)")
+    parser.add_argument("--dataset", help="default bbc-news (--llm: bbc-news-instruct)")
+    parser.add_argument("--llm", action="store_true",
+                        help="the LLM case: the smollm2-bbc preset's task, eval-generate=false")
     parser.add_argument("--only", choices=VARIANTS)
-    parser.add_argument("--eval-subset", type=int, default=100,
-                        help="fedlora's eval-subset (0: the full held-out split every round)")
+    parser.add_argument("--eval-subset", type=int,
+                        help="fedlora's eval-subset (0: the full held-out split every round); "
+                             "default 100 (--llm: 16)")
     parser.add_argument("--run-config", default="",
                         help="extra 'key=value ...' settings for both (e.g. text-column=body)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -330,11 +409,16 @@ def main() -> None:
     if args.child:
         run_child(args.child, args.spec, args.out)
         return
+    for key, value in (LLM_DEFAULTS if args.llm else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.clients < 2:
         parser.error("--clients must be at least 2 (both apps need two nodes per round)")
     from simulations.runconfig import parse_run_config
 
-    run_config: dict[str, Any] = {"model": args.model, "dataset": args.dataset,
+    llm = {**llm_run_config(), "eval-every": args.rounds} if args.llm else {}
+    run_config: dict[str, Any] = {**llm,
+                                  "model": args.model, "dataset": args.dataset,
                                   "num-rounds": args.rounds, "local-steps": args.steps,
                                   **parse_run_config(args.run_config)}
     spec = {"run_config": run_config, "clients": args.clients, "rounds": args.rounds,
@@ -342,7 +426,7 @@ def main() -> None:
     parallelism = min(args.clients, os.cpu_count() or 1)  # one CPU per client, as simulate
     out: dict[str, Any] = {
         "config": {"rounds": args.rounds, "steps": args.steps, "clients": args.clients,
-                   "model": args.model, "dataset": args.dataset,
+                   "model": args.model, "dataset": args.dataset, "llm": args.llm,
                    "eval_subset": args.eval_subset, "run_config": run_config},
         "parallelism": parallelism,
         "training_compute": "sum over rounds of max(longest client's train-seconds, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -45,16 +47,42 @@ def pad_causal(data: Encoded, indices: Sequence[int], tokenizer: PreTrainedToken
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def token_losses(model: torch.nn.Module,
                  batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token losses ``[batch, length-1]`` and the mask of the tokens that count."""
+    """Next-token losses ``[batch, positions]`` and the mask of the tokens that count.
+
+    Only the positions that predict a counted token in some example of the batch get
+    logits (``logits_to_keep``): with a response-only loss that is a fraction of the
+    sequence, and the vocabulary projection (49,152 words for SmolLM2) is the largest
+    single cost of a step. Losses and gradients are those of the full computation; a
+    model without ``logits_to_keep`` computes every position.
+    """
     import torch.nn.functional as F
 
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _keeps_logits(type(base)):
+        positions = (targets != IGNORE).any(0).nonzero().squeeze(1)  # logit t predicts t+1
+        logits = model(**inputs, logits_to_keep=positions).logits.float()
+        targets = targets[:, positions]
+    else:
+        logits = model(**inputs).logits.float()[:, :-1]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                              ignore_index=IGNORE, reduction="none").view_as(targets)
     return losses, (targets != IGNORE).to(losses.dtype)
+
+
+def mean_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean next-token loss over every counted token of the batch (transformers' loss)."""
+    losses, mask = token_losses(model, batch)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def example_mean_losses(model: torch.nn.Module,
@@ -112,6 +140,10 @@ class CausalLM(Task):
                 device: torch.device) -> dict[str, torch.Tensor]:
         """Right-padded ids; ``labels`` are the ids with padding masked."""
         return pad_causal(data, indices, tokenizer, device)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean next-token loss over the batch's counted tokens."""
+        return mean_token_loss(model, batch)
 
     def example_losses(self, model: torch.nn.Module,
                        batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -306,7 +306,9 @@ def test_no_gradient_reaches_the_logits_of_prompt_and_padding(model, tok, pairs)
         output.retain_grad()
         captured.append(output)
 
-    handle = model.get_base_model().lm_head.register_forward_hook(keep)
+    # the final norm's output: one hidden state per position, each feeding only its own
+    # logits (the loss asks for the logits of the positions it needs, not all of them)
+    handle = model.get_base_model().model.norm.register_forward_hook(keep)
     try:
         get_task("instruction").loss(model, batch).backward()
     finally:
@@ -389,3 +391,26 @@ def test_encoded_subset_keeps_every_field():
     assert len(data.empty()) == 0 and data.empty().task == "instruction"
     assert Encoded(input_ids=[[1]], labels=[0]).task == "classification"
     assert Encoded(input_ids=[[1]]).task == "causal-lm"
+
+
+def test_logits_only_where_the_loss_counts_give_the_full_loss_and_gradient(
+        model, tok, pairs, monkeypatch):
+    from task.tasks import causal_lm
+
+    task = get_task("instruction")
+    batch = task.collate(pairs, [0, 1, 2], tok, CPU)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.requires_grad}
+
+    trimmed, trimmed_grads = loss_and_grads()
+    monkeypatch.setattr(causal_lm, "_keeps_logits", lambda _cls: False)
+    full, full_grads = loss_and_grads()
+    assert torch.allclose(trimmed, full, atol=1e-6)
+    assert torch.allclose(trimmed, model(**batch).loss, atol=1e-6)  # transformers' own
+    for name, grad in full_grads.items():
+        assert torch.allclose(trimmed_grads[name], grad, atol=1e-6), name
