@@ -205,7 +205,8 @@ def _settings_section(result: ExperimentResult) -> list[str]:
     lines = ["## Settings", "",
              f"{spec.num_clients} clients per run; seeds {', '.join(map(str, result.seeds))}; "
              f"{len(result.runs)} runs ({reused} reused from an earlier sweep, "
-             f"{len(result.failed_runs)} failed); threshold accuracy {spec.threshold:g}.", "",
+             f"{len(result.failed_runs)} failed); threshold {spec.score_key.removeprefix('eval_')} "
+             f"{spec.threshold:g}.", "",
              "Base settings (every run; the defaults of `fedlora simulate` for the rest):", ""]
     if spec.base_config:
         lines += ["| setting | value |", "|---|---|"]
@@ -228,7 +229,8 @@ def _results_section(result: ExperimentResult) -> list[str]:
     lines += [
         "Mean ± sample standard deviation over the seeds whose run finished. Final = after "
         "the last round; best = best evaluated round (round 0 = before training included); "
-        f"rounds to ≥ {result.spec.threshold:g}: first round whose held-out accuracy reaches "
+        f"rounds to ≥ {result.spec.threshold:g}: first round whose held-out "
+        f"{result.spec.score_key.removeprefix('eval_')} reaches "
         "it, averaged over the seeds that reach it (how many did, of the finished runs); "
         "upload / round: bytes all clients sent per round (rounds ≥ 1); aggregation error: "
         "the strategy's mean relative error ‖aggregate − exact‖ / ‖exact‖ over modules, "
