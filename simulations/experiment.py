@@ -459,7 +459,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _canonical(config: Mapping[str, object]) -> str:
-    return json.dumps({k: str(v) for k, v in config.items()}, sort_keys=True)
+    """The config as comparable text; ``results-dir`` as an absolute path.
+
+    The same sweep folder given once as ``results/x`` and once as ``/abs/.../results/x``
+    names the same runs, which must be reused, not run again.
+    """
+    values = {k: str(v) for k, v in config.items()}
+    if "results-dir" in values:
+        values["results-dir"] = str(Path(values["results-dir"]).expanduser().resolve())
+    return json.dumps(values, sort_keys=True)
 
 
 def _expected_rounds(config: Mapping[str, object]) -> int:

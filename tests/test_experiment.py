@@ -364,3 +364,13 @@ def test_a_variant_can_run_on_the_first_seeds_only(tmp_path):
     assert result.summary("ffa-lora").runs == 1
     again = ExperimentResult.load(tmp_path / "exp")
     assert [v.max_seeds for v in again.spec.variants] == [None, 1]
+
+
+def test_the_same_folder_named_relative_or_absolute_reuses_its_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec()
+    run_experiment(spec, seeds=[0, 1], results_dir=(tmp_path / "exp").resolve(),
+                   simulate_fn=FakeSimulate())
+    again = FakeSimulate()
+    result = run_experiment(spec, seeds=[0, 1], results_dir=Path("exp"), simulate_fn=again)
+    assert again.calls == [] and all(r.reused for r in result.runs)
