@@ -1,5 +1,8 @@
 """Federation overhead: fedlora vs a FlowerTune-style baseline on the same federated job.
 
+Why one module of about 450 lines: a benchmark is one self-contained script (both arms,
+the timing hooks and the report) so that its figures can be reproduced from one file.
+
 A federated round should cost little more than the local training it contains. This runs
 the same job, side by side in one invocation, through
 
@@ -157,8 +160,8 @@ def run_fedlora(spec: dict[str, Any], calls_path: str, workdir: Path) -> dict[st
     import flwr.simulation  # noqa: F401  (imported before the clock starts, as for the baseline)
 
     import client.app
-    from server.settings import RunSettings
     from simulations.simulate import simulate
+    from task.run_settings import RunSettings
 
     make_app = client.app.make_client_app
 

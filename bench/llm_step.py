@@ -1,5 +1,8 @@
 """LLM local training step: fedlora's ``train_local`` vs a plain PEFT loop, on SmolLM2.
 
+Why one module of about 650 lines: a benchmark is one self-contained script (both arms,
+the timing hooks and the report) so that its figures can be reproduced from one file.
+
 The client's local training on the embedded LLM (the ``smollm2-bbc`` preset's task:
 SmolLM2-135M-Instruct, ``instruction`` on ``bbc-news-instruct``, response-only loss,
 batch 8, max-length 160, LoRA r=8 on q_proj/v_proj, AdamW lr 3e-3), side by side with

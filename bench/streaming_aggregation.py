@@ -35,8 +35,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from strategies.adapter import LoraAdapter, LoraFactors
+from strategies.codec import adapter_to_record
 from strategies.fedit import FedIT
-from strategies.wire import adapter_to_record
 
 HIDDEN, RANK = 4096, 16
 

@@ -21,9 +21,9 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from strategies.adapter import LoraAdapter, LoraFactors
+from strategies.codec import adapter_to_record
 from strategies.fedit import fedit_aggregate
 from strategies.validation import UpdateSpec, validate_update
-from strategies.wire import adapter_to_record
 
 SHAPES = {
     "minilm-r8": dict(layers=6, modules=("query", "value"), width=384, rank=8, head=(5, 384)),

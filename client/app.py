@@ -11,6 +11,7 @@ everything each round (the ``setup-seconds`` train metric shows the cost).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from logging import INFO, WARNING
@@ -24,14 +25,17 @@ from client.dp import BudgetRefused, data_identity, ledger_path, train_private
 from client.partition import node_partition
 from client.policy import NodePolicy, PolicyRefused
 from client.private_state import load_private, store_private
-from client.ranks import fit_rank, prune, pruning_penalty
-from privacy.flower import encryption_mod, handshake
+from client.ranks import fit_rank
+from privacy.flower import handshake
+from privacy.transports import client_mods
+from strategies import get_strategy_class
 from strategies.adapter import LoraAdapter
+from strategies.codec import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
 from strategies.instructions import ClientInstructions
-from strategies.parts import ALL_PARTS, select_parts
-from strategies.sparse import is_sparse_key
-from strategies.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
-from task.settings import TaskSettings, run_num_rounds
+from strategies.parts import ADAPTER_PARTS, select_parts
+from strategies.sparse import is_base_key
+from task.run_settings import RunSettings
+from task.settings import TaskSettings
 
 if TYPE_CHECKING:
     from task.runtime import TaskRuntime
@@ -40,12 +44,24 @@ BUDGET_ERROR_CODE = 4001  # a client refusing a round that would exceed its priv
 POLICY_ERROR_CODE = 4002  # a client refusing instructions or DP terms outside its node policy
 
 
-def _config(context: Context, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {**context.run_config, **(overrides or {})}
+_SETTINGS: dict[tuple[tuple[str, Any], ...], RunSettings] = {}
+_SETTINGS_LOCK = threading.Lock()
 
 
-def _settings(context: Context, overrides: Mapping[str, Any] | None) -> TaskSettings:
-    return TaskSettings.from_run_config(_config(context, overrides))
+def run_settings(context: Context, overrides: Mapping[str, Any] | None = None) -> RunSettings:
+    """The run's settings, parsed once per process (and per distinct run config).
+
+    The client reads the same :class:`task.run_settings.RunSettings` as the server, so
+    both take their defaults (``num-rounds``, the strategy's settings) from one place.
+    """
+    config = {**context.run_config, **(overrides or {})}
+    key = tuple(sorted(config.items()))
+    with _SETTINGS_LOCK:
+        if key not in _SETTINGS:
+            if len(_SETTINGS) > 8:  # a long-lived process serving many runs
+                _SETTINGS.clear()
+            _SETTINGS[key] = RunSettings.from_run_config(config)
+        return _SETTINGS[key]
 
 
 def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> int:
@@ -91,7 +107,7 @@ def prepare_adapter(
     state = runtime.initial().to_state_dict()
     incoming = fit_rank({key: array.numpy() for key, array in received.items()},
                         instructions.rank)
-    unexpected = sorted(k for k in set(incoming) - set(state) if not is_sparse_key(k))
+    unexpected = sorted(k for k in set(incoming) - set(state) if not is_base_key(k))
     if unexpected:
         raise ValueError(f"received adapter keys this model does not have: {unexpected[:3]}")
     state.update(incoming)
@@ -124,13 +140,15 @@ def train(
     from task.runtime import cached_runtime
     from task.training import train_local
 
-    settings = _settings(context, overrides)
+    run = run_settings(context, overrides)
+    settings = run.task
     partition_id, num_partitions = node_partition(context.node_config)
     policy = NodePolicy.from_node_config(context.node_config)
-    num_rounds = run_num_rounds(_config(context, overrides))
+    num_rounds = run.federation.num_rounds
     try:
         instructions = policy.bound_instructions(
             ClientInstructions.from_config(message.content[CONFIG_KEY]))
+        hooks = get_strategy_class(instructions.strategy).client_hooks
         policy.check_rounds(num_rounds=num_rounds, server_round=instructions.server_round)
         terms = policy.dp_terms(settings.privacy.to_dp(),
                                 reproducible=settings.privacy.dp_reproducible)
@@ -140,10 +158,9 @@ def train(
     data = runtime.encoded_partition(partition_id, num_partitions)
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
     runtime.set_trainable(instructions.train_parts)
-    if instructions.options.get("sparse-base"):
-        runtime.sparse.start_training()
+    hooks.before_training(runtime, instructions)
     seed = round_seed(settings, instructions.server_round, partition_id)
-    penalty = pruning_penalty(runtime, instructions)
+    penalty = hooks.penalty(runtime, instructions)
     setup_seconds = time.monotonic() - received
     age = process_age()
     log(INFO, "fedlora client: round %d, partition %d (pid %d): training starts after "
@@ -175,11 +192,10 @@ def train(
     except PolicyRefused as exc:
         return refusal(message, POLICY_ERROR_CODE, exc)
     finally:
-        runtime.set_trainable(ALL_PARTS)
-        runtime.sparse.stop_training()
+        runtime.set_trainable(ADAPTER_PARTS)
     log(INFO, "fedlora client: round %d, partition %d (pid %d): %d steps in %.2f s",
         instructions.server_round, partition_id, os.getpid(), result.steps, result.seconds)
-    adapter = prune(runtime.get_adapter(), instructions)
+    adapter = hooks.after_training(runtime.get_adapter(), instructions)
     trained = adapter.to_state_dict()
     store_private(context, instructions.rank, select_parts(trained, instructions.private_parts))
     metrics = MetricRecord({
@@ -211,17 +227,12 @@ def evaluate(
     from task.runtime import cached_runtime
     from task.training import auto_eval_batch_size, evaluate_task
 
-    settings = _settings(context, overrides)
+    settings = run_settings(context, overrides).task
     partition_id, num_partitions = node_partition(context.node_config)
     runtime = cached_runtime(settings)
-    config = message.content[CONFIG_KEY]
-    instructions = (ClientInstructions.from_config(config) if "lora-rank" in config else
-                    ClientInstructions(server_round=int(config.get("server-round", 0)),
-                                       strategy="", rank=settings.lora.lora_rank,
-                                       alpha=settings.lora.lora_alpha))
     try:
         instructions = NodePolicy.from_node_config(context.node_config).bound_instructions(
-            instructions)
+            ClientInstructions.from_config(message.content[CONFIG_KEY]))
     except PolicyRefused as exc:
         return refusal(message, POLICY_ERROR_CODE, exc, action="evaluate")
     prepare_adapter(runtime, message.content[ARRAYS_KEY], instructions, context)
@@ -263,7 +274,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     encryption mod; the handshake query gives the server this round's client key.
     """
     mods = [node_config_mod(dict(node_overrides))] if node_overrides else []
-    client_app = ClientApp(mods=[*mods, encryption_mod])
+    client_app = ClientApp(mods=[*mods, *client_mods()])
 
     @client_app.query("fedlora_handshake")
     def _handshake(message: Message, context: Context) -> Message:

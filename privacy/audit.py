@@ -1,5 +1,8 @@
 """Empirical privacy audits: membership inference on losses and one-run epsilon lower bounds.
 
+Why one module of about 430 lines: the two audits share their scoring and their
+statistics (thresholds, Clopper-Pearson bounds); splitting them would duplicate those.
+
 Two independent measurements of what a trained model leaks about its training data.
 
 **Loss-threshold membership inference** (Yeom et al., "Privacy Risk in Machine Learning:

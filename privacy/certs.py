@@ -1,5 +1,9 @@
 """TLS and SuperNode-authentication material for a Flower 1.42 deployment of fedlora.
 
+Why one module of about 700 lines: it is one command's material (CA, TLS, SuperNode
+keys, payload keys, the compose secrets) and its checks; each writer is short, and an
+operator auditing what a deployment trusts reads one file.
+
 ``fedlora certs`` (:func:`write_deployment_material`) writes everything an operator needs
 into one folder and prints how to use it (:func:`usage_text`).
 

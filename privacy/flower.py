@@ -1,5 +1,8 @@
 """End-to-end payload encryption wired into Flower: a strategy wrapper and client handlers.
 
+Why one module of about 480 lines: the server wrapper and the client mod are the two
+ends of one handshake and sealing protocol; they are read and changed together.
+
 Generic over Flower: any strategy whose messages carry an ``ArrayRecord`` under
 ``"arrays"`` can be wrapped. For each round, each message type (train, evaluate) and
 each sampled node:
@@ -69,10 +72,10 @@ from privacy.transport import (
     seal_arrays,
     server_session_keys,
 )
+from strategies.codec import ARRAYS_KEY
 
 HANDSHAKE_TYPE = "query.fedlora_handshake"
 SEALED_KEY = "sealed"
-ARRAYS_KEY = "arrays"
 HELLO_KEY = "fedlora.hello"
 STATE_KEY = "fedlora.ephemeral"
 MEMORY_PIN_KEY = "fedlora.server-pin"
@@ -153,7 +156,7 @@ class EncryptedStrategy(Strategy):
         self.identity = identity or ServerIdentity.generate()
         self.allowed_clients = allowed_clients
         self.handshake_timeout = handshake_timeout
-        self.rejections: dict[int, list[tuple[int, str]]] = {}
+        self.transport_rejections: dict[int, list[tuple[int, str]]] = {}
         self._keys: dict[tuple[int, str], RoundKeys] = {}
         self._run_id = 0
 
@@ -263,7 +266,7 @@ class EncryptedStrategy(Strategy):
     # -------------------------------------------------------------- receiving
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
-        self.rejections.setdefault(server_round, []).append((node, reason))
+        self.transport_rejections.setdefault(server_round, []).append((node, reason))
         log(WARNING, "round %d: rejected message from node %d: %s", server_round, node, reason)
 
     def _open_one(self, server_round: int, kind: str, keys: RoundKeys | None,

@@ -1,5 +1,9 @@
 """End-to-end sealing of adapter payloads between the ServerApp and its ClientApps.
 
+Why one module of about 700 lines: it is one cryptographic protocol (key agreement, key
+derivation, nonces, sealing, the manifest and its parser); a security review reads it
+whole, and splitting it would scatter the invariants that hold it together.
+
 Messages pass through the SuperLink, which stores them; this module makes sure it only
 ever stores ciphertext. Protocol ``fedlora-payload/v2``:
 

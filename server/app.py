@@ -9,19 +9,25 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.run import FederatedRun, RoundCallback
-from server.settings import RunSettings
+from task.run_settings import RunSettings
 
 
 def make_server_app(
-    overrides: Mapping[str, Any] | None = None, on_round: RoundCallback | None = None
+    overrides: Mapping[str, Any] | None = None, on_round: RoundCallback | None = None,
+    settings: RunSettings | None = None,
 ) -> ServerApp:
-    """A ServerApp; ``overrides`` are run-config entries applied over the run's own."""
+    """A ServerApp; ``overrides`` are run-config entries applied over the run's own.
+
+    ``settings``: the run's settings already parsed in this process (a simulation); the
+    ServerApp then runs them as they are instead of parsing its run config again.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        settings = RunSettings.from_run_config({**context.run_config, **(overrides or {})})
-        FederatedRun(settings, on_round=on_round).execute(grid)
+        run = settings if settings is not None else RunSettings.from_run_config(
+            {**context.run_config, **(overrides or {})})
+        FederatedRun(run, on_round=on_round).execute(grid)
 
     return server_app
 

@@ -16,23 +16,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from privacy.client_keys import AllowedClients
 from privacy.client_level import ClientLevelDP
-from privacy.files import state_dir
-from privacy.flower import EncryptedStrategy
-from privacy.keys import ServerIdentity
+from privacy.transports import transport_for
 from server.plots import plot_metrics
 from server.replies import stream_replies
 from server.results import ResultsWriter
-from server.settings import RunSettings
 from server.state import ServerState, StateStore
 from strategies import LoraStrategy, get_strategy_class
-from strategies.wire import adapter_to_record, record_to_adapter, state_to_record
+from strategies.codec import adapter_to_record, record_to_adapter, state_to_record
+from strategies.sparse import is_dense_key
+from task.run_settings import RunSettings
 from task.tasks import Task, get_task
 from task.training import Encoded
 
 RoundCallback = Callable[[dict[str, Any]], None]
-DEFAULT_SERVER_KEY_FILE = "server-payload.key"
 
 #: settings a resumed run must share with the saved one (they change what is trained)
 RESUME_MUST_MATCH = ("strategy", "model", "task", "dataset", "lora-rank", "lora-alpha",
@@ -52,9 +49,9 @@ def build_client_dp(settings: RunSettings) -> ClientLevelDP | None:
 def build_strategy(settings: RunSettings) -> LoraStrategy:
     """The strategy named in the settings, configured from them."""
     fed = settings.federation
-    cls = get_strategy_class(fed.strategy)
-    return cls(
+    return get_strategy_class(fed.strategy)(
         lora_alpha=settings.task.lora.lora_alpha,
+        config=settings.strategy,
         fraction_train=fed.fraction_train,
         min_train_nodes=fed.min_train_nodes,
         min_available_nodes=fed.min_available_nodes,
@@ -65,47 +62,7 @@ def build_strategy(settings: RunSettings) -> LoraStrategy:
         min_reply_fraction=fed.min_reply_fraction,
         client_dp=build_client_dp(settings),
         **dataclasses.asdict(fed.robust()),
-        **settings.strategy_options(),
     )
-
-
-def load_identity(path: str) -> ServerIdentity:
-    """The server's long-term payload key from ``server-key-file``.
-
-    Empty: the key kept in the server's state folder (``<state dir>/server-payload.key``,
-    see :func:`privacy.files.state_dir`), created on first use, so the key that clients
-    pin on first use stays the same from run to run.
-    """
-    target = Path(path).expanduser() if path else state_dir() / DEFAULT_SERVER_KEY_FILE
-    if not path and not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        identity = ServerIdentity.generate()
-        identity.save(target)
-        log(INFO, "payload encryption: new server key, fingerprint %s, saved in %s",
-            identity.fingerprint(), target)
-        return identity
-    identity = ServerIdentity.load(target)
-    log(INFO, "payload encryption: server key %s, fingerprint %s", target,
-        identity.fingerprint())
-    return identity
-
-
-def load_allowed_clients(path: str) -> AllowedClients | None:
-    """The client keys admitted at the payload layer (None when ``client-keys-file`` is empty).
-
-    Raises:
-        ValueError: the file cannot be read or lists no valid key.
-
-    """
-    if not path:
-        return None
-    try:
-        allowed = AllowedClients.load(Path(path).expanduser())
-    except OSError as exc:
-        raise ValueError(f"client-keys-file {path} cannot be read ({exc}); write it with "
-                         "`fedlora certs` or leave client-keys-file empty") from exc
-    log(INFO, "payload encryption: %d client key(s) admitted from %s", len(allowed), path)
-    return allowed
 
 
 @dataclass
@@ -155,11 +112,8 @@ class FederatedRun:
 
         self.settings = settings
         self.strategy = build_strategy(settings)
-        self.runner: Strategy = self.strategy
-        if settings.federation.encrypt_payloads:
-            self.runner = EncryptedStrategy(
-                self.strategy, identity=load_identity(settings.federation.server_key_file),
-                allowed_clients=load_allowed_clients(settings.federation.client_keys_file))
+        self.transport = transport_for(settings.federation)
+        self.runner: Strategy = self.transport.wrap(self.strategy, settings.federation)
         self.runtime = cached_runtime(settings.task)
         self.writer = ResultsWriter(settings.federation.results_dir, settings.to_dict(),
                                     keep_checkpoints=settings.federation.keep_checkpoints)
@@ -243,9 +197,8 @@ class FederatedRun:
             return {}
         details: dict[str, Any] = {"client_ranks": {str(k): v for k, v in
                                                     sorted(stats.client_ranks.items())}}
-        rejections = list(stats.rejections)
-        if isinstance(self.runner, EncryptedStrategy):
-            rejections += self.runner.rejections.get(server_round, [])
+        rejections = list(stats.rejections) + self.transport.rejections(self.runner,
+                                                                         server_round)
         if rejections:
             details["rejections"] = [{"node": n, "reason": r} for n, r in rejections]
         details.update(stats.details)
@@ -278,7 +231,8 @@ class FederatedRun:
         """
         started = time.monotonic()
         fed = self.settings.federation
-        initial = adapter_to_record(self.runtime.initial_adapter)
+        initial = adapter_to_record(self.strategy.initial_global(
+            self.runtime.initial_adapter, self.runtime.base_weights))
         arrays, first_round = initial, 1
         resumed = self.resume() if fed.resume else None
         if resumed is not None:
@@ -305,8 +259,10 @@ class FederatedRun:
                     evaluate, timeout=fed.round_timeout))
             self.evaluate(server_round, arrays)
             self.save_state(server_round, arrays)
-        self.runtime.set_adapter(record_to_adapter(arrays, self.settings.task.lora.lora_alpha))
-        self.writer.save_adapter(self.runtime.model, "final_adapter")
+        final = record_to_adapter(arrays, self.settings.task.lora.lora_alpha)
+        self.runtime.set_adapter(final)
+        self.writer.save_adapter(self.runtime.model, "final_adapter", base_deltas={
+            k: v for k, v in final.extras.items() if is_dense_key(k)})
         summary = RunSummary(self.writer.root, self.writer.records, time.monotonic() - started)
         plot_metrics(summary.records, self.writer.root / "metrics.png",
                      title=f"{fed.strategy} on {self.settings.task.data.dataset}")
@@ -327,9 +283,9 @@ class FederatedRun:
             "seconds": summary.seconds,
             "rejections": {str(k): v for k, v in rejections.items()},
             "dp_private_against_server": privacy.private_against_server,
-            "payload_encryption": isinstance(self.runner, EncryptedStrategy),
-            "clients_authenticated": isinstance(self.runner, EncryptedStrategy)
-            and self.runner.allowed_clients is not None,
+            "transport": self.transport.name,
+            "payload_encryption": self.transport.name == "encrypted",
+            "clients_authenticated": self.transport.clients_authenticated(self.runner),
             "no_update_accepted": no_update,
         })
         log(INFO, "results written to %s", self.writer.root)

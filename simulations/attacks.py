@@ -135,11 +135,11 @@ def flipped_labels(context: Context, overrides: Mapping[str, Any]) -> Iterator[N
     of the same settings); its ``encoded_partition`` is shadowed on the instance and
     restored on exit (a Flower simulation actor runs one message at a time).
     """
+    from client.app import run_settings
     from task.runtime import cached_runtime
-    from task.settings import TaskSettings
     from task.training import Encoded
 
-    settings = TaskSettings.from_run_config({**context.run_config, **overrides})
+    settings = run_settings(context, overrides).task
     runtime = cached_runtime(settings)
     original = runtime.encoded_partition
     classes = runtime.data.num_labels
@@ -233,8 +233,8 @@ def simulate_attacked(
 
     from client.app import make_client_app
     from server.app import make_server_app
-    from server.settings import RunSettings
     from simulations import simulate as sim
+    from task.run_settings import RunSettings
 
     attack, config = Attack.from_run_config(run_config)
     config = {"encrypt-payloads": False, **config}
@@ -258,7 +258,7 @@ def simulate_attacked(
             else gpus_per_client)
     try:
         run_simulation(
-            server_app=make_server_app(overrides),
+            server_app=make_server_app(settings=settings),
             client_app=make_attack_client_app(inner, overrides, attack),
             num_supernodes=num_clients,
             backend_config=sim.backend_config(cpus_per_client, gpus),  # type: ignore[arg-type]

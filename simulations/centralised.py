@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from server.settings import RunSettings
+from task.run_settings import RunSettings
 
 
 def train_centralised(run_config: Mapping[str, Any], *, steps: int) -> dict[str, Any]:

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora", description="Federated LoRA fine-tuning of language models on Flower."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (also of bad settings)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_centralised(sub)
@@ -215,12 +217,10 @@ def _print_summary(records: list[dict[str, Any]], results_dir: str) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from server.settings import RunSettings
-    from simulations.simulate import simulate
+    from simulations.simulate import simulate, simulation_settings
 
-    config = simulate_run_config(args)
-    settings = RunSettings.from_run_config(config)
-    records = simulate(config, num_clients=simulate_num_clients(args),
+    settings = simulation_settings(simulate_run_config(args))  # parsed once, passed down
+    records = simulate(settings, num_clients=simulate_num_clients(args),
                        cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     _print_summary(records, settings.federation.results_dir)
     return 0
@@ -266,10 +266,10 @@ def _run_experiment(args: argparse.Namespace) -> int:
         raise ValueError("name an experiment (fedlora experiment --list shows them)")
     from pathlib import Path
 
-    from server.settings import RunSettings
     from simulations.experiment import run_experiment
     from simulations.experiments import get_experiment
     from simulations.report import write_report
+    from task.run_settings import RunSettings
 
     overrides = parse_run_config(args.run_config)
     base = get_experiment(args.name)
@@ -316,7 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ValueError as exc:
-        parser.exit(2, f"fedlora: error: {exc}\n")
+        if args.debug:
+            raise
+        from strategies.config import ConfigError
+
+        if isinstance(exc, ConfigError):  # a bad setting: its message says what to change
+            parser.exit(2, f"fedlora: error: {exc}\n")
+        parser.exit(2, f"fedlora: error: {exc}\n(run `fedlora --debug {args.command} ...` "
+                    "for the traceback)\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

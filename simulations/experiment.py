@@ -1,5 +1,8 @@
 """Experiment sweeps: variants x seeds of simulations, summarised into ``results.json``.
 
+Why one module of about 630 lines: the sweep's spec, its runner (with resume) and its
+summary share one results layout; they change together when that layout does.
+
 An :class:`ExperimentSpec` names a set of :class:`Variant` run configs; :func:`run_experiment`
 runs every variant with every seed (one simulation each, in its own folder under
 ``<results_dir>/runs``), reuses runs that already finished (so an interrupted sweep
@@ -16,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import statistics
 import time
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from privacy.files import write_atomic
 
 SimulateFn = Callable[..., list[dict[str, Any]]]
 
@@ -346,7 +350,7 @@ class ExperimentResult:
     def save(self) -> Path:
         """Write ``results.json`` into the results folder (atomically)."""
         path = self.results_dir / RESULTS_FILE
-        _atomic_write(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         return path
 
     @classmethod
@@ -451,11 +455,6 @@ def run_dir_for(results_dir: Path, variant: Variant, seed: int) -> Path:
     return results_dir / "runs" / f"{variant.name}-seed{seed}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _canonical(config: Mapping[str, object]) -> str:
@@ -474,7 +473,7 @@ def _expected_rounds(config: Mapping[str, object]) -> int:
     """The run's ``num-rounds``: from its config, else the settings' default."""
     if "num-rounds" in config:
         return int(float(str(config["num-rounds"])))
-    from server.settings import FederationSettings
+    from task.run_settings import FederationSettings
 
     return FederationSettings().num_rounds
 
@@ -527,14 +526,14 @@ def _execute_run(
         records = simulate_fn(dict(config), num_clients=num_clients, **simulate_options)
     except Exception as exc:  # noqa: BLE001 - one failed run must not end the sweep
         error = f"{type(exc).__name__}: {exc}"
-        _atomic_write(run_dir / ERROR_FILE, traceback.format_exc())
+        write_atomic(run_dir / ERROR_FILE, traceback.format_exc())
         return RunResult(variant, seed, str(run_dir), [], error,
                          wall_seconds=time.monotonic() - started)
     wall = time.monotonic() - started
     if not records:
         return RunResult(variant, seed, str(run_dir), [], "RuntimeError: the run returned "
                          "no records", wall_seconds=wall)
-    _atomic_write(run_dir / RUN_MARKER, json.dumps(
+    write_atomic(run_dir / RUN_MARKER, json.dumps(
         {"run_config": {k: str(v) for k, v in config.items()}, "wall_seconds": wall},
         indent=2) + "\n")
     (run_dir / ERROR_FILE).unlink(missing_ok=True)

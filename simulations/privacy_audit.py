@@ -35,10 +35,10 @@ def audit_run(run_dir: str | Path, run_config: Mapping[str, Any]) -> dict[str, A
 
     """
     from privacy.audit import audit_canaries, loss_threshold_attack
-    from server.settings import RunSettings
     from server.state import StateStore
     from strategies.adapter import LoraAdapter
     from task.canaries import canary_dataset
+    from task.run_settings import RunSettings
     from task.runtime import cached_runtime
     from task.training import per_example_losses
 

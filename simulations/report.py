@@ -65,12 +65,14 @@ def summary_table(summaries: Sequence[VariantSummary], threshold: float,
     ``score``: the name of the task's score (the "accuracy" fields of the summaries).
     """
     header = ["variant", f"final {score}", f"best {score}", f"rounds to ≥ {threshold:g}",
-              "upload / round", "aggregation error", "final eval loss", "runs ok"]
+              "upload / round", "download / round", "aggregation error", "final eval loss",
+              "runs ok"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         row = [f"`{s.variant}`", format_stat(s.final_accuracy), format_stat(s.best_accuracy),
                format_rounds(s), format_bytes(s.bytes_up_per_round),
-               format_stat(s.agg_error_mean, ".2e"), format_stat(s.final_eval_loss),
+               format_bytes(s.bytes_down_per_round), format_stat(s.agg_error_mean, ".2e"),
+               format_stat(s.final_eval_loss),
                f"{s.succeeded}/{s.runs}"]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return "\n".join(lines)

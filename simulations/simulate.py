@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from server.settings import RunSettings
+from task.run_settings import RunSettings
 
 
 def default_gpus_per_client(num_clients: int) -> float:
@@ -45,8 +45,13 @@ def simulation_node_config(settings: RunSettings) -> dict[str, Any]:
             **SIMULATION_NODE_CONFIG}
 
 
+def simulation_settings(run_config: Mapping[str, Any]) -> RunSettings:
+    """The settings of a simulation: payload encryption is off unless the config says so."""
+    return RunSettings.from_run_config({"encrypt-payloads": False, **run_config})
+
+
 def simulate(
-    run_config: Mapping[str, Any],
+    run_config: Mapping[str, Any] | RunSettings,
     *,
     num_clients: int,
     cpus_per_client: float = 1.0,
@@ -54,22 +59,22 @@ def simulate(
 ) -> list[dict[str, Any]]:
     """Run a simulation and return the per-round metrics records.
 
-    The settings are validated before anything starts; Ray is shut down at the end,
-    also on error or Ctrl-C.
+    ``run_config``: the settings as parsed by :func:`simulation_settings` (then they are
+    not parsed again in this process), or a flat run config to parse. The settings are
+    validated before anything starts; Ray is shut down at the end, also on error or Ctrl-C.
 
     Raises:
         ValueError: a bad setting (before Ray starts).
         RuntimeError: the run ended without writing its final metrics.
 
     """
-    run_config = {"encrypt-payloads": False, **run_config}  # optional in simulation
-    settings = RunSettings.from_run_config(run_config)
+    settings = (run_config if isinstance(run_config, RunSettings)
+                else simulation_settings(run_config))
     if num_clients < settings.federation.min_train_nodes:
         raise ValueError(f"--num-clients {num_clients} is below min-train-nodes "
                          f"{settings.federation.min_train_nodes}")
-    plan = settings.strategy_options().get("rank_plan")
-    if plan is not None:
-        plan.check_num_clients(num_clients)
+    settings.strategy.check_run(num_rounds=settings.federation.num_rounds,
+                                lora_rank=settings.task.lora.lora_rank, num_clients=num_clients)
     overrides = settings.to_dict()
     from flwr.simulation import run_simulation
 
@@ -83,7 +88,7 @@ def simulate(
     gpus = default_gpus_per_client(num_clients) if gpus_per_client is None else gpus_per_client
     try:
         run_simulation(
-            server_app=make_server_app(overrides),
+            server_app=make_server_app(settings=settings),
             client_app=make_client_app(overrides,
                                        node_overrides=simulation_node_config(settings)),
             num_supernodes=num_clients,

@@ -13,10 +13,12 @@ import numpy as np
 from flwr.supercore import log
 
 from strategies.adapter import LoraAdapter, LoraFactors
-from strategies.base import Aggregation, LoraStrategy, RoundStats
+from strategies.aggregation import Aggregation
+from strategies.base import LoraStrategy
 from strategies.exactness import aggregation_error
 from strategies.parts import select_parts
 from strategies.registry import register_strategy
+from strategies.round_stats import RoundStats
 from strategies.validation import ClientUpdate
 
 #: FedIT keeps the clients' factors for the aggregation-error metric up to this size
@@ -152,15 +154,6 @@ class FedIT(LoraStrategy):
     def start_aggregation(self, server_round: int, global_adapter: LoraAdapter) -> Aggregation:
         """A running average of the parts clients send."""
         return _FedITRound(self, server_round, global_adapter)
-
-    def aggregate_adapters(
-        self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
-    ) -> LoraAdapter:
-        """Weighted average of the parts clients send; records the aggregation error."""
-        aggregation = self.start_aggregation(server_round, global_adapter)
-        for update in updates:
-            aggregation.add(update)
-        return aggregation.result()
 
     def after_aggregation(self, server_round: int, global_adapter: LoraAdapter,
                           aggregation: RunningAverage) -> None:

@@ -16,13 +16,14 @@ B (``B = U S / s``, ``A = V^T``), as in the authors' code; ``sqrt`` splits them
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from strategies.adapter import LoraAdapter, LoraFactors
+from strategies.config import check, setting
 from strategies.fedit import normalized_weights, weighted_mean
 from strategies.flexlora_math import SPLIT_MODES, flexlora_svd, split_singular_values
-from strategies.hetero import HeteroRankStrategy
+from strategies.hetero import HeteroRankStrategy, RankConfig
 from strategies.registry import register_strategy
 from strategies.validation import ClientUpdate
 
@@ -55,9 +56,25 @@ def flexlora_aggregate(
     return LoraAdapter(modules=modules, alpha=alpha, extras=extras)
 
 
+@dataclass(frozen=True)
+class FlexLoRAConfig(RankConfig):
+    """FlexLoRA's settings, beside the rank plan's."""
+
+    flexlora_split: str = setting(
+        "B", "where the singular values go: B (all in B, the authors' code) | sqrt (split)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.flexlora_split in SPLIT_MODES,
+              f"flexlora-split must be one of {SPLIT_MODES}, got '{self.flexlora_split}'")
+
+
 @register_strategy("flexlora")
 class FlexLoRA(HeteroRankStrategy):
     """Heterogeneous ranks; the server aggregates products and redistributes by SVD."""
+
+    config_class = FlexLoRAConfig
+    config: FlexLoRAConfig
 
     exact_rank = False  # a node with a smaller rank budget may train below its rank
     client_dp_refusal = (
@@ -73,18 +90,6 @@ class FlexLoRA(HeteroRankStrategy):
         "aggregator=norm-clip or mean (with update-norm-bound) for flexlora, or hetlora "
         "with median / trimmed-mean")
 
-    def __init__(self, *, split: str = "B", **kwargs: Any) -> None:
-        if split not in SPLIT_MODES:
-            raise ValueError(f"flexlora-split must be one of {SPLIT_MODES}, got '{split}'")
-        super().__init__(**kwargs)
-        self.split = split
-
-    @classmethod
-    def options_from(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
-        """``flexlora-split`` and the rank plan."""
-        return {**super().options_from(settings),
-                "split": str(settings.get("flexlora-split", "B"))}
-
     def aggregate_adapters(
         self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
     ) -> LoraAdapter:
@@ -92,10 +97,7 @@ class FlexLoRA(HeteroRankStrategy):
         adapters = [u.adapter for u in updates if u.adapter is not None]
         result = flexlora_aggregate(
             adapters, [u.num_examples for u in updates], rank=global_adapter.max_rank,
-            alpha=global_adapter.alpha, split=self.split)
+            alpha=global_adapter.alpha, split=self.config.flexlora_split)
         self.history[server_round].metrics["rank-sum"] = float(
             sum(a.max_rank for a in adapters))
         return result
-
-
-

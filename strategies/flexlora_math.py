@@ -1,5 +1,9 @@
 """FlexLoRA's pure numpy math (Bai et al., NeurIPS 2024): SVD of the aggregated update.
 
+Why one module of about 560 lines: the three SVD paths (dense, factored, randomized
+block Krylov with its certificate) and the choice between them are tested against each
+other; keeping them in one file keeps the comparison honest.
+
 The server forms ``dW = sum_k p_k s_k B_k A_k`` (``s_k = alpha / r_k``) and gives each
 client the rank-``r_k`` truncated SVD of ``dW``. Three paths compute the top-``r`` SVD of
 such a ``d x k`` sum of ``n`` products of total rank ``R = sum_k r_k``:

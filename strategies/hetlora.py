@@ -11,73 +11,149 @@ server zero-pads every update to ``r_max`` and averages with sparsity weights
 Defaults: ``gamma = 0.99`` as in the public reference implementations (so a rank-8
 client's tail is its last column), ``lambda = 1e-3`` and ``threshold = 0.05``: the
 paper does not pin the last two; they are settings (``hetlora-*``).
+
+The client side (the regulariser and the rank cut) is :class:`HetLoRAClient`, registered
+with the strategy; it reads the same :class:`HetLoRAConfig` from the round's options.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.supercore import log
 
 from strategies.adapter import LoraAdapter
+from strategies.client_hooks import ClientHooks, LocalModel, Penalty
+from strategies.config import check, setting
 from strategies.fedit import normalized_weights
-from strategies.hetero import HeteroRankStrategy
-from strategies.hetlora_math import hetlora_aggregate, pad_adapter, sparsity_weights, with_alpha
-from strategies.instructions import ConfigValue
+from strategies.hetero import HeteroRankStrategy, RankConfig
+from strategies.hetlora_math import (
+    hetlora_aggregate,
+    kept_rank,
+    pad_adapter,
+    pruned_rank,
+    sparsity_weights,
+    truncate_adapter,
+    with_alpha,
+)
+from strategies.instructions import ClientInstructions
 from strategies.registry import register_strategy
 from strategies.validation import ClientUpdate
 
+if TYPE_CHECKING:
+    import torch
+
 WEIGHTINGS = ("sparsity", "data-size")
+
+
+@dataclass(frozen=True)
+class HetLoRAConfig(RankConfig):
+    """HetLoRA's settings, beside the rank plan's."""
+
+    hetlora_lambda: float = setting(1e-3, "strength of the rank self-pruning regulariser")
+    hetlora_gamma: float = setting(0.99, "share of a client's rank kept when it prunes")
+    hetlora_threshold: float = setting(
+        0.05, "prune when every module's tail norm is below this share of its whole")
+    hetlora_weighting: str = setting("sparsity", "aggregation weights: sparsity | data-size")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.hetlora_lambda >= 0,
+              f"hetlora-lambda must not be negative, got {self.hetlora_lambda}")
+        check(0.0 < self.hetlora_gamma < 1.0,
+              f"hetlora-gamma must be in (0, 1), got {self.hetlora_gamma}")
+        check(self.hetlora_threshold >= 0,
+              f"hetlora-threshold must not be negative, got {self.hetlora_threshold}")
+        check(self.hetlora_weighting in WEIGHTINGS,
+              f"hetlora-weighting must be one of {WEIGHTINGS}, got '{self.hetlora_weighting}'")
+
+
+def lora_factor_pairs(model: Any, adapter_name: str) -> list[tuple[Any, Any]]:
+    """``(A, B)`` weight pairs of every LoRA layer of one adapter of a PEFT model."""
+    import torch
+
+    pairs = []
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and adapter_name in lora_a:
+            pairs.append((lora_a[adapter_name].weight, lora_b[adapter_name].weight))
+    return pairs
+
+
+def self_pruning_penalty(model: Any, adapter_name: str, gamma: float) -> torch.Tensor:
+    """HetLoRA's rank self-pruning term ``sum_m ||B_m tail|| ||A_m tail||`` (unweighted).
+
+    The tail is the last ``1 - gamma`` share of the rank (indices from
+    ``kept_rank(r, gamma)`` on), the part a client may later prune.
+    """
+    import torch
+
+    total = torch.zeros(())
+    for a, b in lora_factor_pairs(model, adapter_name):
+        keep = kept_rank(a.shape[0], gamma)
+        if keep < a.shape[0]:
+            total = total.to(a.device) + a[keep:].norm() * b[:, keep:].norm()
+    return total
+
+
+def prune(adapter: LoraAdapter, gamma: float, threshold: float) -> LoraAdapter:
+    """Shrink the adapter's rank when every module's tail is small, else keep it.
+
+    The adapter keeps its scale: alpha shrinks with the rank.
+    """
+    if adapter.max_rank < 2:
+        return adapter
+    new_rank = max(pruned_rank(f, gamma, threshold) for f in adapter.modules.values())
+    if new_rank >= adapter.max_rank:
+        return adapter
+    truncated = truncate_adapter(adapter, new_rank)
+    return LoraAdapter(truncated.modules, adapter.alpha * new_rank / adapter.max_rank,
+                       truncated.extras)
+
+
+class HetLoRAClient(ClientHooks):
+    """The self-pruning regulariser during training, the rank cut after it."""
+
+    def penalty(self, local: LocalModel, instructions: ClientInstructions) -> Penalty | None:
+        """``lambda * sum ||B_tail|| ||A_tail||`` (None when ``hetlora-lambda`` is 0)."""
+        config = HetLoRAConfig.from_run_config(instructions.options)
+        if config.hetlora_lambda <= 0:
+            return None
+        return lambda: config.hetlora_lambda * self_pruning_penalty(
+            local.model, local.active, config.hetlora_gamma)
+
+    def after_training(self, adapter: LoraAdapter,
+                       instructions: ClientInstructions) -> LoraAdapter:
+        """The adapter pruned to a lower rank when its tails are small."""
+        config = HetLoRAConfig.from_run_config(instructions.options)
+        return prune(adapter, config.hetlora_gamma, config.hetlora_threshold)
 
 
 @register_strategy("hetlora")
 class HetLoRA(HeteroRankStrategy):
     """Heterogeneous-rank LoRA with rank self-pruning and sparsity-weighted aggregation."""
 
+    config_class = HetLoRAConfig
+    config: HetLoRAConfig
+    client_hooks = HetLoRAClient()
     exact_rank = False  # a client may return a lower (pruned) rank
 
-    def __init__(
-        self, *, prune_lambda: float = 1e-3, prune_gamma: float = 0.99,
-        prune_threshold: float = 0.05, weighting: str = "sparsity", **kwargs: Any,
-    ) -> None:
-        if prune_lambda < 0:
-            raise ValueError(f"hetlora-lambda must not be negative, got {prune_lambda}")
-        if not 0.0 < prune_gamma < 1.0:
-            raise ValueError(f"hetlora-gamma must be in (0, 1), got {prune_gamma}")
-        if prune_threshold < 0:
-            raise ValueError(f"hetlora-threshold must not be negative, got {prune_threshold}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"hetlora-weighting must be one of {WEIGHTINGS}, got '{weighting}'")
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if self.client_dp is not None and weighting == "sparsity":
+        self.weighting = self.config.hetlora_weighting
+        if self.client_dp is not None and self.weighting == "sparsity":
             log(WARNING, "hetlora: client-level DP averages with uniform weights (sparsity "
                 "weights follow each client's update norm, which would leak it and break the "
                 "noise calibration); hetlora-weighting=sparsity is ignored")
-            weighting = "data-size"  # client-level DP sets every num-examples to 1
-        if self.client_dp is not None and prune_threshold > 0:
+            self.weighting = "data-size"  # client-level DP sets every num-examples to 1
+        if self.client_dp is not None and self.config.hetlora_threshold > 0:
             log(WARNING, "hetlora: with client-level DP, rank self-pruning lets a client's data "
                 "choose its rank, which the aggregate shows and the epsilon does not cover; "
                 "set hetlora-threshold=0 to keep ranks public")
-        self.prune_lambda = prune_lambda
-        self.prune_gamma = prune_gamma
-        self.prune_threshold = prune_threshold
-        self.weighting = weighting
-
-    @classmethod
-    def options_from(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
-        """``hetlora-lambda``, ``hetlora-gamma``, ``hetlora-threshold``, ``hetlora-weighting``."""
-        return {**super().options_from(settings),
-                "prune_lambda": float(settings.get("hetlora-lambda", 1e-3)),
-                "prune_gamma": float(settings.get("hetlora-gamma", 0.99)),
-                "prune_threshold": float(settings.get("hetlora-threshold", 0.05)),
-                "weighting": str(settings.get("hetlora-weighting", "sparsity"))}
-
-    def client_options(self, server_round: int, node_id: int) -> dict[str, ConfigValue]:
-        """The self-pruning settings for the client."""
-        return {"prune-lambda": self.prune_lambda, "prune-gamma": self.prune_gamma,
-                "prune-threshold": self.prune_threshold}
 
     def aggregate_adapters(
         self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]

@@ -2,7 +2,10 @@
 
 This is the contract between strategies and the ClientApp: the rank and alpha of the
 client's adapter, which parts it trains, which it sends back, which stay on the client
-across rounds (private), and strategy-specific options.
+across rounds (private), and strategy-specific options. Every key has one meaning: the
+adapter's rank travels as ``adapter-rank`` (the run config's ``lora-rank`` is the
+global rank, which the message never carries), options as ``opt.<setting>``, and every
+entry is required (no default on the client can disagree with the server's).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from strategies.parts import ALL_PARTS, format_parts, parse_parts
+from strategies.parts import ADAPTER_PARTS, format_parts, parse_parts
 
 ConfigValue = int | float | str | bool
 OPTION_PREFIX = "opt."
@@ -36,8 +39,8 @@ class ClientInstructions:
     strategy: str
     rank: int
     alpha: float
-    train_parts: frozenset[str] = ALL_PARTS
-    send_parts: frozenset[str] = ALL_PARTS
+    train_parts: frozenset[str] = ADAPTER_PARTS
+    send_parts: frozenset[str] = ADAPTER_PARTS
     private_parts: frozenset[str] = frozenset()
     options: dict[str, ConfigValue] = field(default_factory=dict)
 
@@ -60,8 +63,8 @@ class ClientInstructions:
         config: dict[str, ConfigValue] = {
             "server-round": self.server_round,
             "strategy": self.strategy,
-            "lora-rank": self.rank,
-            "lora-alpha": float(self.alpha),
+            "adapter-rank": self.rank,
+            "adapter-alpha": float(self.alpha),
             "train-parts": format_parts(self.train_parts),
             "send-parts": format_parts(self.send_parts),
             "private-parts": format_parts(self.private_parts),
@@ -81,11 +84,11 @@ class ClientInstructions:
             return cls(
                 server_round=int(config["server-round"]),
                 strategy=str(config["strategy"]),
-                rank=int(config["lora-rank"]),
-                alpha=float(config["lora-alpha"]),
-                train_parts=parse_parts(str(config.get("train-parts", "lora_A,lora_B,extras"))),
-                send_parts=parse_parts(str(config.get("send-parts", "lora_A,lora_B,extras"))),
-                private_parts=parse_parts(str(config.get("private-parts", ""))),
+                rank=int(config["adapter-rank"]),
+                alpha=float(config["adapter-alpha"]),
+                train_parts=parse_parts(str(config["train-parts"])),
+                send_parts=parse_parts(str(config["send-parts"])),
+                private_parts=parse_parts(str(config["private-parts"])),
                 options={k[len(OPTION_PREFIX):]: v for k, v in config.items()
                          if k.startswith(OPTION_PREFIX)},
             )

@@ -1,7 +1,9 @@
 """Named parts of an adapter, for saying what is trained, sent and kept private.
 
-``lora_A`` and ``lora_B`` are the two LoRA factors of every module; ``extras`` are the
-other trainable weights (a classification head). A strategy says, per round and per
+``lora_A`` and ``lora_B`` are the two LoRA factors of every module; ``base`` are deltas
+on the frozen base weights under them (:mod:`strategies.sparse`: SLoRA's sparse deltas,
+a dense change a strategy folds into the frozen weights); ``extras`` are the other trainable
+weights (a classification head). A strategy says, per round and per
 client, which parts the client trains, which it sends back and which stay on the client.
 """
 
@@ -12,10 +14,13 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
+from strategies.sparse import is_base_key
 
-LORA_A, LORA_B, EXTRAS = "lora_A", "lora_B", "extras"
-PARTS = (LORA_A, LORA_B, EXTRAS)
+LORA_A, LORA_B, EXTRAS, BASE = "lora_A", "lora_B", "extras", "base"
+PARTS = (LORA_A, LORA_B, EXTRAS, BASE)
 ALL_PARTS = frozenset(PARTS)
+#: the adapter's own weights: what clients train and send unless a strategy says otherwise
+ADAPTER_PARTS = frozenset({LORA_A, LORA_B, EXTRAS})
 
 
 def part_of(key: str) -> str:
@@ -24,6 +29,8 @@ def part_of(key: str) -> str:
         return LORA_A
     if key.endswith(LORA_B_SUFFIX):
         return LORA_B
+    if is_base_key(key):
+        return BASE
     return EXTRAS
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from strategies.config import ConfigError
+
 DISTRIBUTIONS = ("fixed", "uniform", "heavy-tail", "normal")
 
 
@@ -29,16 +31,16 @@ def parse_ranks(text: str, what: str) -> tuple[int, ...]:
     try:
         ranks = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
+        raise ConfigError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
     if any(r < 1 for r in ranks):
-        raise ValueError(f"{what} must all be at least 1, got {list(ranks)}")
+        raise ConfigError(f"{what} must all be at least 1, got {list(ranks)}")
     return ranks
 
 
 def distribution_probabilities(name: str, m: int) -> np.ndarray:
     """Probabilities of the ``m`` sorted choices under the named distribution."""
     if name not in DISTRIBUTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown rank distribution '{name}'; known: {', '.join(DISTRIBUTIONS)}"
         )
     i = np.arange(1, m + 1, dtype=float)
@@ -66,7 +68,7 @@ class RankPlan:
         distribution_probabilities(self.distribution, max(len(self.choices), 1))
         for rank in (*self.choices, *self.explicit):
             if rank > self.max_rank:
-                raise ValueError(
+                raise ConfigError(
                     f"client rank {rank} is above the maximum rank {self.max_rank} "
                     "(lora-rank); raise lora-rank or lower the client ranks"
                 )
@@ -74,7 +76,7 @@ class RankPlan:
     def check_num_clients(self, n: int) -> None:
         """An explicit list must give one rank per client."""
         if self.explicit and len(self.explicit) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"client-ranks lists {len(self.explicit)} ranks but there are {n} clients; "
                 "give exactly one rank per client"
             )

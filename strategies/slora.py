@@ -6,25 +6,31 @@ travel, and the server averages them. Stage 2: the server takes the accumulated 
 ``W - W0`` of each module, initialises LoRA with its rank-r truncated SVD
 (``s B A = U_r S_r V_r^T``, singular values split evenly between B and A), resets the
 base weights to ``W0`` (clients apply no sparse delta from then on) and continues with
-FedIT or FFA-LoRA (``slora-then``) on the new adapter. One run, both stages in its
-metrics (``stage``).
+the registered strategy named by ``slora-then`` (FedIT or FFA-LoRA) on the new adapter,
+to which it delegates what each node receives and how updates combine. One run, both
+stages in its metrics (``stage``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from flwr.serverapp import Grid
 
 from strategies.adapter import LoraAdapter, LoraFactors
-from strategies.base import Aggregation, LoraStrategy, Payload, RoundStats
+from strategies.aggregation import Aggregation
+from strategies.base import LoraStrategy
+from strategies.config import StrategyConfig, check, setting
 from strategies.fedit import RunningAverage
-from strategies.instructions import ClientInstructions, ConfigValue
-from strategies.parts import ALL_PARTS, EXTRAS, LORA_B
-from strategies.registry import register_strategy
+from strategies.instructions import ClientInstructions
+from strategies.messaging import Payload
+from strategies.parts import ALL_PARTS, BASE, EXTRAS
+from strategies.registry import get_strategy_class, register_strategy
+from strategies.round_stats import RoundStats
 from strategies.sparse import densify, is_sparse_key, mask_size, sparse_key
-from strategies.validation import ClientUpdate
 
 THEN = ("fedit", "ffa-lora")
 DENSE_SVD_LIMIT = 4_000_000  # above this many entries, a sparse truncated SVD is used
@@ -71,41 +77,61 @@ def stage_two_adapter(global_adapter: LoraAdapter, seed: int) -> LoraAdapter:
     return LoraAdapter(modules=modules, alpha=global_adapter.alpha, extras=extras)
 
 
+@dataclass(frozen=True)
+class SLoRAConfig(StrategyConfig):
+    """SLoRA's settings: the sparse stage's length and density, and the stage-2 strategy."""
+
+    slora_rounds: int = setting(2, "rounds of sparse fine-tuning before LoRA starts")
+    slora_density: float = setting(0.01, "share of each adapted weight the sparse stage trains")
+    slora_then: str = setting("fedit", "the LoRA strategy of stage 2: fedit | ffa-lora")
+
+    def __post_init__(self) -> None:
+        check(self.slora_rounds >= 1, f"slora-rounds must be at least 1, got {self.slora_rounds}")
+        mask_size((1, 1), self.slora_density)  # validates the density
+        check(self.slora_then in THEN,
+              f"slora-then must be one of {THEN}, got '{self.slora_then}'")
+
+    def check_run(self, *, num_rounds: int, lora_rank: int,
+                  num_clients: int | None = None) -> None:
+        """Stage 2 needs at least one round."""
+        check(self.slora_rounds < num_rounds,
+              f"slora-rounds ({self.slora_rounds}) must be below num-rounds ({num_rounds}): "
+              "stage 2 (LoRA) needs at least one round")
+
+
 @register_strategy("slora")
 class SLoRA(LoraStrategy):
-    """Two stages in one run: sparse fine-tuning, then LoRA (FedIT or FFA-LoRA) from its SVD."""
+    """Two stages in one run: sparse fine-tuning, then a LoRA strategy from its SVD."""
 
-    stage_one_parts: ClassVar[frozenset[str]] = frozenset({EXTRAS})
+    config_class = SLoRAConfig
+    config: SLoRAConfig
+    stage_one_parts: ClassVar[frozenset[str]] = frozenset({EXTRAS, BASE})
 
-    def __init__(self, *, stage_rounds: int = 2, density: float = 0.01, then: str = "fedit",
-                 **kwargs: Any) -> None:
-        if stage_rounds < 1:
-            raise ValueError(f"slora-rounds must be at least 1, got {stage_rounds}")
-        mask_size((1, 1), density)  # validates the density
-        if then not in THEN:
-            raise ValueError(f"slora-then must be one of {THEN}, got '{then}'")
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.stage_rounds = stage_rounds
-        self.density = density
-        self.then = then
-        self.mask_seed = kwargs.get("seed", 0)
+        common = {k: v for k, v in kwargs.items() if k != "config"}
+        self.stage_two: LoraStrategy = get_strategy_class(self.config.slora_then)(**common)
+        self.stage_two.history = self.history  # one record of the run's rounds
+        self.stage_two.sampler = self.sampler
 
-    @classmethod
-    def options_from(cls, settings: Mapping[str, Any]) -> dict[str, Any]:
-        """``slora-rounds``, ``slora-density``, ``slora-then``."""
-        stage_rounds = int(settings.get("slora-rounds", 2))
-        if "num-rounds" in settings and stage_rounds >= int(settings["num-rounds"]):
-            raise ValueError(
-                f"slora-rounds ({stage_rounds}) must be below num-rounds "
-                f"({settings['num-rounds']}): stage 2 (LoRA) needs at least one round")
-        return {**super().options_from(settings),
-                "stage_rounds": stage_rounds,
-                "density": float(settings.get("slora-density", 0.01)),
-                "then": str(settings.get("slora-then", "fedit"))}
+    @property
+    def mask_seed(self) -> int:
+        """The seed of the sparse masks (the run seed, as the clients' runtimes use)."""
+        return self.seed
 
     def stage(self, server_round: int) -> int:
         """1 during sparse fine-tuning, 2 afterwards."""
-        return 1 if server_round <= self.stage_rounds else 2
+        return 1 if server_round <= self.config.slora_rounds else 2
+
+    def prepare_global(self, server_round: int, global_adapter: LoraAdapter,
+                       grid: Grid) -> LoraAdapter:
+        """Add zero deltas before stage 1; switch to the SVD-initialised LoRA at stage 2."""
+        has_deltas = any(is_sparse_key(k) for k in global_adapter.extras)
+        if self.stage(server_round) == 1 and not has_deltas:
+            return self.with_zero_deltas(global_adapter)
+        if self.stage(server_round) == 2 and has_deltas:
+            return stage_two_adapter(global_adapter, self.mask_seed)
+        return global_adapter
 
     def client_payload(
         self, server_round: int, node_id: int, global_adapter: LoraAdapter
@@ -113,57 +139,28 @@ class SLoRA(LoraStrategy):
         """Stage 1: the head and the sparse deltas; stage 2: the LoRA strategy's payload."""
         if self.stage(server_round) == 1:
             parts = self.stage_one_parts
-            train, send, download = parts, parts, parts
-        else:
-            train = send = self.stage_send_parts(server_round)
-            download = ALL_PARTS  # A comes from the SVD, not from the seed: it travels
-        instructions = ClientInstructions(
-            server_round=server_round, strategy=self.name, rank=global_adapter.max_rank,
-            alpha=self.lora_alpha, train_parts=train, send_parts=send,
-            options=self.client_options(server_round, node_id))
-        return Payload(global_adapter, instructions, download)
+            instructions = ClientInstructions(
+                server_round=server_round, strategy=self.name, rank=global_adapter.max_rank,
+                alpha=self.lora_alpha, train_parts=parts, send_parts=parts,
+                options=self.client_options(server_round, node_id))
+            return Payload(global_adapter, instructions, parts)
+        payload = self.stage_two.client_payload(server_round, node_id, global_adapter)
+        # A comes from the SVD, not from the seed: it travels even when stage 2 freezes it
+        return Payload(payload.adapter, dataclasses.replace(payload.instructions,
+                                                            strategy=self.name), ALL_PARTS)
 
-    def client_options(self, server_round: int, node_id: int) -> dict[str, ConfigValue]:
-        """Tells stage-1 clients to train the masked base weights."""
-        return {"sparse-base": True} if self.stage(server_round) == 1 else {}
-
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
-        """Add zero deltas before stage 1; switch to the SVD-initialised LoRA at stage 2."""
-        from strategies.wire import adapter_to_record, record_to_adapter
-
-        adapter = record_to_adapter(arrays, self.lora_alpha)
-        has_deltas = any(is_sparse_key(k) for k in adapter.extras)
-        if self.stage(server_round) == 1 and not has_deltas:
-            adapter = self.with_zero_deltas(adapter)
-        elif self.stage(server_round) == 2 and has_deltas:
-            adapter = stage_two_adapter(adapter, self.mask_seed)
-        return super().configure_train(server_round, adapter_to_record(adapter), config, grid)
+    def start_aggregation(self, server_round: int, global_adapter: LoraAdapter) -> Aggregation:
+        """Stage 1: a running average of the deltas and head; stage 2: the LoRA strategy's."""
+        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        stats.metrics["stage"] = float(self.stage(server_round))
+        if self.stage(server_round) == 1:
+            return RunningAverage(global_adapter, self.stage_one_parts)
+        return self.stage_two.start_aggregation(server_round, global_adapter)
 
     def with_zero_deltas(self, adapter: LoraAdapter) -> LoraAdapter:
         """The adapter with an all-zero sparse delta per module (the start of stage 1)."""
         extras = dict(adapter.extras)
         for name, f in adapter.modules.items():
-            size = mask_size((f.out_features, f.in_features), self.density)
+            size = mask_size((f.out_features, f.in_features), self.config.slora_density)
             extras[sparse_key(name)] = np.zeros(size, dtype=np.float32)
         return LoraAdapter(adapter.modules, adapter.alpha, extras)
-
-    def stage_send_parts(self, server_round: int) -> frozenset[str]:
-        """The parts clients send back in this round's stage."""
-        if self.stage(server_round) == 1:
-            return self.stage_one_parts
-        return frozenset({LORA_B, EXTRAS}) if self.then == "ffa-lora" else ALL_PARTS
-
-    def start_aggregation(self, server_round: int, global_adapter: LoraAdapter) -> Aggregation:
-        """A running data-size weighted average of what this stage's clients send."""
-        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
-        stats.metrics["stage"] = float(self.stage(server_round))
-        return RunningAverage(global_adapter, self.stage_send_parts(server_round))
-
-    def aggregate_adapters(
-        self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
-    ) -> LoraAdapter:
-        """Data-size weighted average of what clients sent (deltas and head, or LoRA)."""
-        aggregation = self.start_aggregation(server_round, global_adapter)
-        for update in updates:
-            aggregation.add(update)
-        return aggregation.result()

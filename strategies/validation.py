@@ -12,23 +12,19 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraAdapter
-from strategies.wire import ARRAYS_KEY, METRICS_KEY
+from strategies.codec import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    WIRE_DTYPES,
+    check_array_header,
+    decode_array,
+)
+from strategies.errors import UpdateRejected
 
 NUM_EXAMPLES_KEY = "num-examples"
-# An .npy header is 128 bytes for any array a client can legitimately send here;
-# allow a little more, never more than that.
-NPY_HEADER_SLACK = 256
-
-
-class UpdateRejected(ValueError):
-    """A client update that must not be aggregated; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ class UpdateSpec:
     modules: dict[str, ModuleSpec]
     extras: dict[str, tuple[int, ...]] = field(default_factory=dict)
     max_num_examples: int = 1_000_000
-    dtypes: frozenset[str] = frozenset({"float32"})
+    dtypes: frozenset[str] = WIRE_DTYPES
     required_keys: frozenset[str] | None = None
 
     @classmethod
@@ -122,34 +118,6 @@ def validate_num_examples(value: object, cap: int) -> int:
     if count > cap:
         raise UpdateRejected(f"num-examples {count} exceeds the cap {cap} (max-num-examples)")
     return count
-
-
-def _check_array_header(key: str, array: Array, spec: UpdateSpec) -> None:
-    """Cheap checks on an array's metadata and size, before any decoding."""
-    if array.stype != "numpy.ndarray":
-        raise UpdateRejected(f"{key}: unsupported serialization '{array.stype}'")
-    if array.dtype not in spec.dtypes:
-        raise UpdateRejected(f"{key}: dtype {array.dtype} not accepted ({sorted(spec.dtypes)})")
-    max_shape = spec.max_shape(key)
-    shape = tuple(int(s) for s in array.shape)
-    if len(shape) != len(max_shape) or any(s > m for s, m in zip(shape, max_shape, strict=True)):
-        raise UpdateRejected(f"{key}: shape {shape} does not fit the expected {max_shape}")
-    limit = int(np.prod(max_shape)) * np.dtype(array.dtype).itemsize + NPY_HEADER_SLACK
-    if len(array.data) > limit:
-        raise UpdateRejected(f"{key}: payload of {len(array.data)} bytes exceeds {limit}")
-
-
-def _decode(key: str, array: Array) -> np.ndarray:
-    """Decode one array (pickle disabled) and check it matches its own metadata."""
-    try:
-        value = array.numpy()
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is a rejection
-        raise UpdateRejected(f"{key}: undecodable array ({exc})") from exc
-    if value.dtype.name != array.dtype or tuple(value.shape) != tuple(array.shape):
-        raise UpdateRejected(f"{key}: decoded array does not match its declared dtype/shape")
-    if not np.isfinite(value).all():
-        raise UpdateRejected(f"{key}: contains NaN or Inf")
-    return value
 
 
 def _check_partial_factor(
@@ -221,8 +189,8 @@ def validate_update(content: RecordDict, spec: UpdateSpec, *, node_id: int) -> C
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         raise UpdateRejected(f"unexpected keys: missing {missing[:5]}, extra {extra[:5]}")
     for key in expected:
-        _check_array_header(key, record[key], spec)
-    state = {key: _decode(key, record[key]) for key in expected}
+        check_array_header(key, record[key], spec.max_shape(key), spec.dtypes)
+    state = {key: decode_array(key, record[key]) for key in expected}
     _check_modules(state, spec)
 
     numeric = {

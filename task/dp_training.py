@@ -1,5 +1,9 @@
 """Local DP-SGD training with Opacus: per-example clipping, Gaussian noise, a privacy ledger.
 
+Why one module of about 600 lines: Opacus's integration with PEFT models (the loss per
+example, Poisson batches, the accountant and ledger, and the workarounds they need)
+belongs together; each part depends on the others' invariants.
+
 :func:`train_local_dp` is the DP counterpart of :func:`task.training.train_local`. It
 trains only the parameters that require grad (the LoRA factors and the head): Opacus'
 hooks are attached to the modules that own such parameters, so frozen base weights get

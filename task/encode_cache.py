@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from privacy.files import atomic_file
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
 MAX_MB_ENV = "FEDLORA_CACHE_MAX_MB"
@@ -128,14 +129,8 @@ def save(key: str, input_ids: Sequence[Sequence[int]]) -> None:
                       count=int(offsets[-1]))
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key[:16]}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, ids=ids, offsets=offsets)
-            os.replace(tmp, folder / f"{key}.npz")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(folder / f"{key}.npz", mode=0o600) as fh:
+            np.savez(fh, ids=ids, offsets=offsets)
         prune(folder, keep=folder / f"{key}.npz")
     except OSError:
         return

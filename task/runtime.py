@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from strategies.adapter import LoraAdapter
+from strategies.parts import BASE
 from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainable_parts
+from task.base_deltas import BaseDeltas, base_weights, split_base
 from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data, make_partitioner
 from task.model import (
     attach_lora,
@@ -28,7 +30,6 @@ from task.model import (
     select_device,
 )
 from task.settings import TaskSettings
-from task.sparse import SparseBase, split_sparse
 from task.tasks import Task, get_task
 from task.training import Encoded
 
@@ -52,14 +53,14 @@ class TaskRuntime:
     _initial: dict[str, LoraAdapter]
     active: str = DEFAULT_ADAPTER
     _encoded: dict[Any, Any] = field(default_factory=dict)
-    _sparse: SparseBase | None = None
+    _base: BaseDeltas | None = None
 
     @property
-    def sparse(self) -> SparseBase:
-        """Sparse deltas on the base weights (SLoRA), masks seeded by the run seed."""
-        if self._sparse is None:
-            self._sparse = SparseBase(self.model, self.settings.train.seed)
-        return self._sparse
+    def base(self) -> BaseDeltas:
+        """Deltas on the base weights (sparse masks seeded by the run seed)."""
+        if self._base is None:
+            self._base = BaseDeltas(self.model, self.settings.train.seed)
+        return self._base
 
     @classmethod
     def build(cls, settings: TaskSettings) -> TaskRuntime:
@@ -126,26 +127,41 @@ class TaskRuntime:
         return self._initial[self.active]
 
     def get_adapter(self) -> LoraAdapter:
-        """The active adapter's current state (with sparse base deltas, if any are applied)."""
+        """The active adapter's current state (with the base deltas, if any are applied)."""
         adapter = get_adapter(self.model, self.alpha, self.active)
-        if self.sparse.modified:
-            adapter.extras.update(self.sparse.extract())
+        if self.base.modified:
+            adapter.extras.update(self.base.extract())
         return adapter
 
     def set_adapter(self, adapter: LoraAdapter) -> None:
         """Replace every parameter of the active adapter.
 
-        Sparse base deltas in the state (SLoRA's stage 1) are applied to the base weights;
-        without them, the base weights are (back) at their originals.
+        Base-weight deltas in the state (sparse or dense) are applied to the base
+        weights; without them, the base weights are (back) at their originals.
         """
-        state, deltas = split_sparse(adapter.to_state_dict())
-        if deltas or self.sparse.modified:
-            self.sparse.apply(deltas)
+        state, deltas = split_base(adapter.to_state_dict())
+        if deltas or self.base.modified:
+            self.base.apply(deltas)
         set_adapter(self.model, LoraAdapter.from_state_dict(state, adapter.alpha), self.active)
 
+    def base_weights(self) -> dict[str, np.ndarray]:
+        """The pretrained weights of the LoRA-adapted modules (``out x in``), by module name."""
+        if self.base.modified:
+            raise RuntimeError("base weights asked for while base deltas are applied")
+        return base_weights(self.model)
+
     def set_trainable(self, parts: Iterable[str]) -> None:
-        """Train only these parts of the active adapter."""
-        set_trainable_parts(self.model, parts, self.active)
+        """Train only these parts of the active adapter.
+
+        With the ``base`` part, the entries of the base weights that carry a sparse delta
+        are trained too (SLoRA's first stage); dense deltas are never trained.
+        """
+        parts = frozenset(parts)
+        set_trainable_parts(self.model, parts - {BASE}, self.active)
+        if BASE in parts:
+            self.base.start_training()
+        else:
+            self.base.stop_training()
 
     def encoded_partition(self, partition_id: int, num_partitions: int) -> Encoded:
         """Client ``partition_id``'s tokenized training share (cached).

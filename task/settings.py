@@ -10,9 +10,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from strategies.config import (
+    check,
+    from_run_config,
+    run_config_key,
+    settings_keys,
+)
 
 PARTITIONERS = ("auto", "iid", "dirichlet", "natural")
 INSTRUCTION_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
@@ -20,65 +25,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: the run's rounds when the run config does not say (the server's and the clients' default)
 DEFAULT_NUM_ROUNDS = 5
-
-
-def run_config_key(field_name: str) -> str:
-    """The run-config key of a dataclass field."""
-    return field_name.replace("_", "-")
-
-
-def settings_keys(cls: type) -> set[str]:
-    """Every run-config key a settings dataclass reads."""
-    return {run_config_key(f.name) for f in dataclasses.fields(cls)}
-
-
-def from_run_config(cls: type[T], config: Mapping[str, Any]) -> T:
-    """Build a settings dataclass from the keys of a flat run config that it knows.
-
-    Values are converted to the field's declared type (``int``, ``float``, ``str``,
-    ``bool``); keys the dataclass does not know are ignored here (the caller checks
-    for unknown keys across all settings).
-    """
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        key = run_config_key(f.name)
-        if key in config:
-            kwargs[f.name] = _convert(key, config[key], f.type)
-    return cls(**kwargs)
-
-
-def run_num_rounds(config: Mapping[str, Any]) -> int:
-    """The run's ``num-rounds`` from a flat run config (:data:`DEFAULT_NUM_ROUNDS` if absent).
-
-    Raises:
-        ValueError: it is not a whole number of at least 1.
-
-    """
-    rounds = _convert("num-rounds", config.get("num-rounds", DEFAULT_NUM_ROUNDS), "int")
-    if rounds < 1:
-        raise ValueError(f"num-rounds must be at least 1, got {rounds}")
-    return int(rounds)
-
-
-def _convert(key: str, value: Any, type_name: Any) -> Any:
-    target = {"int": int, "float": float, "str": str, "bool": bool}.get(str(type_name))
-    if target is None:
-        return value
-    if target is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{key} must be true or false, got '{value}'")
-        return value.lower() in ("true", "1")
-    if target is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{key} must be a whole number, got {value}")
-    try:
-        return target(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be of type {target.__name__}, got {value!r}") from None
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -103,11 +49,11 @@ class ModelSettings:
     def __post_init__(self) -> None:
         from task.tasks.registry import get_task
 
-        _check(bool(self.model), "model must not be empty")
+        check(bool(self.model), "model must not be empty")
         get_task(self.task)  # raises, naming the registered tasks
-        _check(self.precision in PRECISIONS,
+        check(self.precision in PRECISIONS,
                f"precision must be one of {PRECISIONS}, got '{self.precision}'")
-        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got '{self.device}'")
+        check(self.device in DEVICES, f"device must be one of {DEVICES}, got '{self.device}'")
 
 
 @dataclass(frozen=True)
@@ -150,22 +96,22 @@ class DataSettings:
     group_column: str = ""
 
     def __post_init__(self) -> None:
-        _check(self.instruction_format in INSTRUCTION_FORMATS,
+        check(self.instruction_format in INSTRUCTION_FORMATS,
                f"instruction-format must be one of {INSTRUCTION_FORMATS}, "
                f"got '{self.instruction_format}'")
-        _check(bool(self.dataset), "dataset must not be empty")
-        _check(self.audit_canaries >= 0,
+        check(bool(self.dataset), "dataset must not be empty")
+        check(self.audit_canaries >= 0,
                f"audit-canaries must not be negative, got {self.audit_canaries}")
-        _check(self.partitioner in PARTITIONERS,
+        check(self.partitioner in PARTITIONERS,
                f"partitioner must be one of {PARTITIONERS}, got '{self.partitioner}'")
-        _check(self.dirichlet_alpha > 0,
+        check(self.dirichlet_alpha > 0,
                f"dirichlet-alpha must be positive, got {self.dirichlet_alpha}")
-        _check(0.0 < self.test_fraction < 1.0,
+        check(0.0 < self.test_fraction < 1.0,
                f"test-fraction must be in (0, 1), got {self.test_fraction}")
-        _check(0.0 <= self.local_test_fraction < 1.0,
+        check(0.0 <= self.local_test_fraction < 1.0,
                f"local-test-fraction must be in [0, 1), got {self.local_test_fraction}")
-        _check(self.max_length >= 8, f"max-length must be at least 8, got {self.max_length}")
-        _check(self.partitioner != "natural" or bool(self.partition_by),
+        check(self.max_length >= 8, f"max-length must be at least 8, got {self.max_length}")
+        check(self.partitioner != "natural" or bool(self.partition_by),
                "partitioner 'natural' needs partition-by (the column to split by)")
 
 
@@ -184,11 +130,11 @@ class LoraSettings:
     target_modules: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.lora_rank >= 1, f"lora-rank must be at least 1, got {self.lora_rank}")
-        _check(self.lora_alpha > 0, f"lora-alpha must be positive, got {self.lora_alpha}")
-        _check(0.0 <= self.lora_dropout < 1.0,
+        check(self.lora_rank >= 1, f"lora-rank must be at least 1, got {self.lora_rank}")
+        check(self.lora_alpha > 0, f"lora-alpha must be positive, got {self.lora_alpha}")
+        check(0.0 <= self.lora_dropout < 1.0,
                f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        _check(bool(self.target_modules.strip()), "target-modules must not be empty")
+        check(bool(self.target_modules.strip()), "target-modules must not be empty")
 
     def target_module_list(self, model_type: str = "") -> list[str] | str:
         """Target modules as peft expects them (``all-linear`` stays a string).
@@ -217,16 +163,16 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.learning_rate > 0, f"learning-rate must be positive, got {self.learning_rate}")
-        _check(self.local_steps >= 0 and self.local_epochs >= 0,
+        check(self.learning_rate > 0, f"learning-rate must be positive, got {self.learning_rate}")
+        check(self.local_steps >= 0 and self.local_epochs >= 0,
                "local-steps and local-epochs must not be negative")
-        _check((self.local_steps > 0) != (self.local_epochs > 0),
+        check((self.local_steps > 0) != (self.local_epochs > 0),
                "set exactly one of local-steps and local-epochs above 0 "
                f"(got local-steps={self.local_steps}, local-epochs={self.local_epochs})")
-        _check(self.batch_size >= 1, f"batch-size must be at least 1, got {self.batch_size}")
-        _check(self.grad_accumulation >= 1,
+        check(self.batch_size >= 1, f"batch-size must be at least 1, got {self.batch_size}")
+        check(self.grad_accumulation >= 1,
                f"grad-accumulation must be at least 1, got {self.grad_accumulation}")
-        _check(self.weight_decay >= 0,
+        check(self.weight_decay >= 0,
                f"weight-decay must not be negative, got {self.weight_decay}")
 
 
@@ -295,9 +241,9 @@ class GenerationSettings:
     eval_samples: int = 8
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1,
+        check(self.max_new_tokens >= 1,
                f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        _check(self.eval_samples >= 0,
+        check(self.eval_samples >= 0,
                f"eval-samples must not be negative, got {self.eval_samples}")
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from server.settings import RunSettings
 from simulations.attacks import Attack, flipped_labels, tamper
+from task.run_settings import RunSettings
 from task.runtime import cached_runtime
 from tests.conftest import tiny_run_config
 

@@ -40,4 +40,33 @@ def test_bad_setting_exits_with_a_clear_message(capsys):
 def test_unknown_strategy_lists_known(capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--strategy", "fedprox-lora"])
-    assert "unknown strategy 'fedprox-lora'; known strategies: fedit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown strategy 'fedprox-lora'; known strategies: " in err and " fedit," in err
+
+
+def test_a_bad_setting_is_one_line_and_debug_shows_its_traceback(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--run-config", "hetlora-gamma=2", "--strategy", "hetlora"])
+    err = capsys.readouterr().err
+    assert err == "fedlora: error: hetlora-gamma must be in (0, 1), got 2.0\n"
+    with pytest.raises(ValueError, match="hetlora-gamma must be in"):
+        main(["--debug", "simulate", "--run-config", "hetlora-gamma=2", "--strategy", "hetlora"])
+
+
+def test_an_unexpected_error_shows_its_traceback(monkeypatch, capsys):
+    import simulations.cli as cli
+
+    def broken(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "_run_simulate", broken)
+    with pytest.raises(SystemExit):  # a ValueError that is not a setting: a hint to --debug
+        cli.main(["simulate"])
+    assert "fedlora --debug simulate" in capsys.readouterr().err
+
+    def crashed(args):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(cli, "_run_simulate", crashed)
+    with pytest.raises(KeyError):  # anything else is never hidden behind one line
+        cli.main(["simulate"])

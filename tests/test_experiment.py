@@ -165,7 +165,7 @@ def test_report_has_the_table_settings_command_and_plots(tmp_path):
     assert f"```bash\n{command}\n```" in text
     assert "| `num-rounds` | `3` |" in text and "| `ffa-lora` | `strategy=ffa-lora lora-rank=4` |" \
         in text
-    assert ("| `fedit` | 0.830 ± 0.042 | 0.850 ± 0.071 | 2.0 (1/2) | 1.20 MB "
+    assert ("| `fedit` | 0.830 ± 0.042 | 0.850 ± 0.071 | 2.0 (1/2) | 1.20 MB | 2.40 MB "
             "| 3.00e-01 ± 1.41e-01 | 0.170 ± 0.042 | 2/2 |") in text
     assert "| `ffa-lora` | 0.720 ± 0.028 | 0.720 ± 0.028 | never (0/2) | 602.0 kB " in text
     assert "rounds to ≥ 0.85" in text
@@ -263,7 +263,7 @@ def test_unknown_experiment_lists_the_known_ones():
 
 
 def test_smoke_experiment_is_registered_with_valid_settings(tmp_path):
-    from server.settings import RunSettings
+    from task.run_settings import RunSettings
 
     spec = get_experiment("smoke")
     assert [v.run_config["strategy"] for v in spec.variants] == ["fedit", "ffa-lora"]

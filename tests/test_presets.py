@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 
 from server.run import no_update_accepted
-from server.settings import RunSettings
 from simulations.cli import build_parser, score_columns, simulate_num_clients, simulate_run_config
 from simulations.experiment import ExperimentSpec, Variant
 from simulations.presets import PRESETS, SMOLLM2_BBC, get_preset
+from task.run_settings import RunSettings
 from tests.test_experiment import FakeSimulate, sweep
 
 

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from server.settings import RunSettings
 from server.state import ServerState, StateStore
 from simulations.privacy_audit import audit_run, load_audit
+from task.run_settings import RunSettings
 from task.runtime import TaskRuntime, cached_runtime
 from task.settings import TrainSettings
 from task.training import per_example_losses, train_local

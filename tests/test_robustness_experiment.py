@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 import simulations.experiments.robustness as robustness_module
-from server.settings import RunSettings
 from simulations.attacks import Attack
 from simulations.experiment import run_experiment
 from simulations.experiments import get_experiment
 from simulations.report import write_report
+from task.run_settings import RunSettings
 from tests.conftest import tiny_run_config
 
 HONEST = {"1 of 4": 0.90, "2 of 8": 0.92}

@@ -6,9 +6,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import BUDGET_ERROR_CODE, POLICY_ERROR_CODE, prepare_adapter, train
 from client.partition import node_partition
+from strategies.codec import state_to_record
 from strategies.instructions import ClientInstructions
 from strategies.parts import ALL_PARTS, EXTRAS, LORA_A, LORA_B, part_of, select_parts
-from strategies.wire import state_to_record
 from task import runtime as runtime_module
 from task.runtime import cached_runtime
 from task.settings import TaskSettings
@@ -30,7 +30,7 @@ def _train_message(run_config, server_round=1, *, train=ALL_PARTS, send=ALL_PART
     settings = TaskSettings.from_run_config(run_config)
     adapter = cached_runtime(settings).initial_adapter
     instructions = ClientInstructions(
-        server_round=server_round, strategy="test", rank=settings.lora.lora_rank,
+        server_round=server_round, strategy="fedit", rank=settings.lora.lora_rank,
         alpha=settings.lora.lora_alpha, train_parts=frozenset(train), send_parts=frozenset(send),
         private_parts=frozenset(private))
     content = RecordDict({
@@ -116,7 +116,7 @@ def test_received_keys_the_model_lacks_are_an_error(tiny_bert_dir, toy_csv):
 
 def test_instructions_cannot_send_a_private_part():
     with pytest.raises(ValueError, match="private and must never be sent"):
-        ClientInstructions(server_round=1, strategy="x", rank=4, alpha=8.0,
+        ClientInstructions(server_round=1, strategy="fedit", rank=4, alpha=8.0,
                            send_parts=ALL_PARTS, private_parts=frozenset({LORA_B}))
 
 

@@ -8,9 +8,8 @@ import pytest
 from client.dp import data_identity, ledger_path
 from client.policy import DEFAULT_MAX_EPSILON, SIMULATION_NODE_CONFIG, NodePolicy, PolicyRefused
 from privacy.accounting import DPSettings
-from server.settings import FederationSettings
 from strategies.instructions import ClientInstructions
-from task.settings import run_num_rounds
+from task.run_settings import FederationSettings
 
 
 def _instructions(rank=16, alpha=32.0, server_round=1):
@@ -81,8 +80,14 @@ def test_rounds_beyond_the_node_bound_or_the_run_are_refused():
 
 
 def test_the_client_plans_with_the_servers_default_num_rounds():
-    assert run_num_rounds({}) == FederationSettings().num_rounds == 5
-    assert run_num_rounds({"num-rounds": 3}) == 3
+    from client.app import run_settings
+
+    class Ctx:
+        run_config: dict = {}
+
+    assert run_settings(Ctx()).federation.num_rounds == FederationSettings().num_rounds == 5
+    Ctx.run_config = {"num-rounds": 3}
+    assert run_settings(Ctx()).federation.num_rounds == 3
 
 
 def test_dp_terms_refuse_what_the_node_does_not_accept():

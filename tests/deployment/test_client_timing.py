@@ -11,8 +11,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import process_age, train
+from strategies.codec import state_to_record
 from strategies.instructions import ClientInstructions
-from strategies.wire import state_to_record
 from task import runtime as runtime_module
 from task.runtime import cached_runtime
 from task.settings import TaskSettings
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 def _message(config, server_round):
     settings = TaskSettings.from_run_config(config)
     adapter = cached_runtime(settings).initial_adapter
-    instructions = ClientInstructions(server_round=server_round, strategy="test",
+    instructions = ClientInstructions(server_round=server_round, strategy="fedit",
                                       rank=settings.lora.lora_rank,
                                       alpha=settings.lora.lora_alpha)
     content = RecordDict({"arrays": state_to_record(adapter.to_state_dict()),

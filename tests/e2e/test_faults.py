@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from server.settings import RunSettings
 from simulations.simulate import _shutdown_ray, backend_config
+from task.run_settings import RunSettings
 from tests.conftest import tiny_run_config
 from tests.e2e.faulty_client import make_faulty_client_app
 from tests.e2e.test_simulation import no_leftover_processes  # noqa: F401

@@ -62,8 +62,8 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_adapter(
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path, tiny_bert_dir, toy_csv):
-    from server.settings import RunSettings
     from server.state import ServerState, StateStore
+    from task.run_settings import RunSettings
 
     config = tiny_run_config(tiny_bert_dir, toy_csv, **{"results-dir": str(tmp_path),
                                                         "resume": True, "lora-rank": 2})

@@ -7,8 +7,8 @@ import psutil
 import pytest
 import torch
 
-from server.settings import RunSettings
 from simulations.simulate import simulate
+from task.run_settings import RunSettings
 from task.runtime import cached_runtime
 from tests.conftest import tiny_run_config
 

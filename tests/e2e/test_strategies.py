@@ -7,28 +7,13 @@ import pytest
 from flwr.app import Array
 
 from simulations.simulate import simulate
-from strategies.fedsa import FedSALoRA
 from strategies.parts import LORA_B, part_of
-from strategies.registry import register_strategy
 from tests.conftest import tiny_run_config
 from tests.e2e.test_simulation import no_leftover_processes  # noqa: F401
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
 
 SEEN_KEYS: list[str] = []
-
-
-@register_strategy("fedsa-lora-inspected")
-class InspectedFedSA(FedSALoRA):
-    """FedSA-LoRA that records every key of every message that reaches the server."""
-
-    def collect_updates(self, server_round, replies):
-        replies = list(replies)
-        for message in replies:
-            if message.has_content():
-                for record in message.content.array_records.values():
-                    SEEN_KEYS.extend(record.keys())
-        return super().collect_updates(server_round, replies)
 
 
 def _run(tmp_path, tiny_bert_dir, toy_csv, strategy, **extra):
@@ -55,9 +40,23 @@ def test_ffa_lora_uploads_half_of_fedit_and_is_exact(tmp_path, tiny_bert_dir, to
     assert fedit[1]["agg_error_mean"] > 1e-3
 
 
-def test_fedsa_never_sends_b(tmp_path, tiny_bert_dir, toy_csv):
+def test_fedsa_never_sends_b(tmp_path, tiny_bert_dir, toy_csv, monkeypatch):
+    """Every key of every reply that reaches the server (the ServerApp runs in this process)."""
+    import strategies.base
+
+    collect = strategies.base.collect_updates
+
+    def inspected(replies, *args):
+        replies = list(replies)
+        for message in replies:
+            if message.has_content():
+                for record in message.content.array_records.values():
+                    SEEN_KEYS.extend(record.keys())
+        return collect(replies, *args)
+
+    monkeypatch.setattr(strategies.base, "collect_updates", inspected)
     SEEN_KEYS.clear()
-    _run(tmp_path, tiny_bert_dir, toy_csv, "fedsa-lora-inspected")
+    _run(tmp_path, tiny_bert_dir, toy_csv, "fedsa-lora")
     assert SEEN_KEYS and not [k for k in SEEN_KEYS if part_of(k) == LORA_B]
 
 
@@ -99,3 +98,4 @@ def test_encryption_on_gives_the_same_global_adapter_as_off(tmp_path, tiny_bert_
     assert finals[True].keys() == finals[False].keys()
     for key, value in finals[False].items():
         np.testing.assert_allclose(finals[True][key], value, rtol=0, atol=1e-6)
+

@@ -25,19 +25,18 @@ from privacy.client_level import (
     clip_update,
 )
 from server.run import build_strategy
-from server.settings import FederationSettings, RunSettings
 from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraAdapter
 from strategies.base import LoraStrategy
+from strategies.codec import adapter_to_record, record_to_adapter
 from strategies.fedit import FedIT, fedit_aggregate
 from strategies.fedsa import FedSALoRA
 from strategies.ffa import FFALoRA
 from strategies.flexlora import FlexLoRA
-from strategies.hetlora import HetLoRA
+from strategies.hetlora import HetLoRA, HetLoRAConfig
 from strategies.hetlora_math import hetlora_aggregate, pad_adapter
-from strategies.ranks import RankPlan
-from strategies.slora import SLoRA
+from strategies.slora import SLoRA, SLoRAConfig
 from strategies.validation import ClientUpdate
-from strategies.wire import adapter_to_record, record_to_adapter
+from task.run_settings import FederationSettings, RunSettings
 from tests.conftest import random_adapter
 from tests.strategies.test_faults_unit import COUNT_REASONS, FAULTS, content
 
@@ -386,10 +385,11 @@ def build(name: str, client_dp: ClientLevelDP | None):
     if name == "fedsa-lora":
         return FedSALoRA(**kwargs)
     if name == "hetlora":
-        return HetLoRA(rank_plan=RankPlan(max_rank=4, explicit=RANKS), weighting="data-size",
-                       **kwargs)
+        return HetLoRA(config=HetLoRAConfig(client_ranks=",".join(map(str, RANKS)),
+                                     hetlora_weighting="data-size"), **kwargs)
     if name.startswith("slora"):
-        return SLoRA(stage_rounds=1, density=0.2, then="ffa-lora", **kwargs)
+        return SLoRA(config=SLoRAConfig(slora_rounds=1, slora_density=0.2,
+                                             slora_then="ffa-lora"), **kwargs)
     raise AssertionError(name)
 
 
@@ -440,7 +440,7 @@ def test_every_linear_strategy_gets_noise_on_exactly_what_clients_send(name):
 
 def test_hetlora_clips_at_each_clients_own_rank_and_averages_uniformly():
     clip = 1.0
-    strategy = HetLoRA(rank_plan=RankPlan(max_rank=4, explicit=(2, 2, 1, 1)),
+    strategy = HetLoRA(config=HetLoRAConfig(client_ranks="2,2,1,1"),
                        **common(client_dp=dp(noise=0.0, clip=clip)))
     assert strategy.weighting == "data-size"  # sparsity weights would leak: forced uniform
     messages = configure(strategy)
@@ -467,7 +467,7 @@ def test_hetlora_clips_at_each_clients_own_rank_and_averages_uniformly():
 
 
 def test_hetlora_noise_stays_within_the_ranks_clients_trained():
-    strategy = HetLoRA(rank_plan=RankPlan(max_rank=4, explicit=(2, 2, 1, 1)),
+    strategy = HetLoRA(config=HetLoRAConfig(client_ranks="2,2,1,1"),
                        **common(client_dp=dp(noise=1.0)))
     messages = configure(strategy)
     result = states(aggregate(strategy, [reply(messages[n], received(messages[n]))

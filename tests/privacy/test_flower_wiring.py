@@ -7,8 +7,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from privacy.flower import HANDSHAKE_TYPE, SEALED_KEY, EncryptedStrategy, encryption_mod, handshake
 from privacy.keys import ServerIdentity
+from strategies.codec import adapter_to_record, record_to_adapter
 from strategies.fedit import FedIT
-from strategies.wire import adapter_to_record, record_to_adapter
 from tests.conftest import random_adapter
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -114,7 +114,7 @@ def test_tampered_and_replayed_replies_are_left_out():
         m for m in messages if m.metadata.dst_node_id == 3][0])
     arrays, metrics = strategy.aggregate_train(1, [*replies, replay])
     assert metrics["num-accepted"] == 2
-    reasons = [r for _, r in strategy.rejections[1]]
+    reasons = [r for _, r in strategy.transport_rejections[1]]
     assert any("authentication failed" in r for r in reasons)
     assert any("replay" in r for r in reasons)
 
@@ -132,7 +132,7 @@ def test_plaintext_reply_is_rejected_when_encryption_is_on():
     grid = FakeGrid([1, 2], local_update(0.0), tamper=strip)
     arrays, metrics = _round(strategy, grid, adapter)
     assert arrays is None
-    assert all("plaintext reply" in r for _, r in strategy.rejections[1])
+    assert all("plaintext reply" in r for _, r in strategy.transport_rejections[1])
 
 
 def test_client_refuses_a_server_that_does_not_match_its_pin():
@@ -144,12 +144,11 @@ def test_client_refuses_a_server_that_does_not_match_its_pin():
 
 
 def test_per_client_payloads_of_heterogeneous_ranks_are_sealed_per_node():
-    from strategies.hetlora import HetLoRA
-    from strategies.ranks import RankPlan
+    from strategies.hetlora import HetLoRA, HetLoRAConfig
 
     adapter = random_adapter(np.random.default_rng(0), {"m": 4})
     inner = HetLoRA(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
-                    rank_plan=RankPlan(max_rank=4, explicit=(1, 2, 4)))
+                    config=HetLoRAConfig(client_ranks="1,2,4"))
     strategy = EncryptedStrategy(inner)
     grid = FakeGrid([1, 2, 3], local_update(0.0))
     messages = strategy.configure_train(1, adapter_to_record(adapter), ConfigRecord(), grid)

@@ -20,8 +20,8 @@ from privacy.flower import (
 )
 from privacy.keys import ServerIdentity
 from privacy.transport import EphemeralKey, PayloadRejected
+from strategies.codec import adapter_to_record, record_to_adapter
 from strategies.fedit import FedIT
-from strategies.wire import adapter_to_record, record_to_adapter
 from tests.conftest import random_adapter
 from tests.privacy.test_flower_wiring import FakeGrid, local_update
 
@@ -66,7 +66,7 @@ def run_round(strategy, grid):
 
 
 def reasons(strategy, server_round=1):
-    return [r for _, r in strategy.rejections.get(server_round, [])]
+    return [r for _, r in strategy.transport_rejections.get(server_round, [])]
 
 
 # ------------------------------------------------------------------ impersonation
@@ -176,7 +176,7 @@ def test_rewritten_instructions_are_refused_by_the_client(client_keys):
     """The relay raises the rank the server asked for; the node refuses the message."""
     def raise_rank(node, message):
         if message.metadata.message_type == MessageType.TRAIN and node == 1:
-            message.content.config_records["config"]["lora-rank"] = 64
+            message.content.config_records["config"]["adapter-rank"] = 64
         return message
 
     strategy = strategy_with(client_keys[2])

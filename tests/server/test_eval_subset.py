@@ -1,7 +1,7 @@
 from types import SimpleNamespace
 
 from server.run import FederatedRun
-from server.settings import RunSettings
+from task.run_settings import RunSettings
 from task.training import Encoded
 
 
@@ -29,7 +29,7 @@ def test_eval_batch_size_auto_is_16_on_cpu_and_64_on_gpus_unless_set():
     import pytest
     import torch
 
-    from server.settings import FederationSettings
+    from task.run_settings import FederationSettings
 
     auto = FederationSettings()
     assert auto.eval_batch(torch.device("cpu")) == 16

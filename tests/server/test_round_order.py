@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import server.run
+from privacy.transports import PLAIN
 from server.run import FederatedRun
-from server.settings import RunSettings
 from strategies.adapter import LoraAdapter
+from task.run_settings import RunSettings
 
 
 class FakeGrid:
@@ -64,11 +65,12 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FederatedRun:
                                            "m.lora_B.weight": np.zeros((4, 2), np.float32)},
                                           alpha=16.0)
     run.runtime = SimpleNamespace(initial_adapter=adapter, set_adapter=lambda a: None,
-                                  model=None)
+                                  model=None, base_weights=dict)
     run.runner = FakeRunner(events)
-    run.strategy = SimpleNamespace(history={})
+    run.transport = PLAIN
+    run.strategy = SimpleNamespace(history={}, initial_global=lambda adapter, weights: adapter)
     run.writer = SimpleNamespace(root=tmp_path, records=[{"round": 2}],
-                                 save_adapter=lambda *a: None, write_json=lambda *a: None)
+                                 save_adapter=lambda *a, **k: None, write_json=lambda *a: None)
     run.evaluate = lambda r, arrays: events.append(("evaluate", r))  # type: ignore[method-assign]
     run.save_state = lambda r, arrays: events.append(("save", r))  # type: ignore[method-assign]
     monkeypatch.setattr(server.run, "plot_metrics", lambda *a, **k: None)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from strategies.adapter import LoraAdapter, LoraFactors
-from strategies.wire import adapter_to_record, record_nbytes, record_to_adapter
+from strategies.codec import adapter_to_record, record_nbytes, record_to_adapter
 from tests.conftest import random_adapter
 
 

@@ -22,12 +22,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from strategies.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
 from strategies.base import LoraStrategy
+from strategies.codec import adapter_to_record, record_to_adapter
 from strategies.fedit import FedIT
 from strategies.ffa import FFALoRA
-from strategies.flexlora import FlexLoRA
-from strategies.hetlora import HetLoRA
-from strategies.ranks import RankPlan
-from strategies.wire import adapter_to_record, record_to_adapter
+from strategies.flexlora import FlexLoRA, FlexLoRAConfig
+from strategies.hetlora import HetLoRA, HetLoRAConfig
 from tests.conftest import random_adapter
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -53,15 +52,15 @@ class FakeGrid:
 def make_strategy(name: str, **robust: object) -> LoraStrategy:
     common = {"lora_alpha": 8.0, "min_train_nodes": len(NODES),
               "min_available_nodes": len(NODES), "max_num_examples": CAP, **robust}
-    plan = RankPlan(max_rank=4, explicit=HETERO_RANKS)
+    ranks = ",".join(map(str, HETERO_RANKS))
     if name == "fedit":
         return FedIT(**common)
     if name == "ffa-lora":
         return FFALoRA(**common)
     if name == "hetlora":
-        return HetLoRA(rank_plan=plan, **common)
+        return HetLoRA(config=HetLoRAConfig(client_ranks=ranks), **common)
     if name == "flexlora":
-        return FlexLoRA(rank_plan=plan, **common)
+        return FlexLoRA(config=FlexLoRAConfig(client_ranks=ranks), **common)
     raise AssertionError(name)
 
 

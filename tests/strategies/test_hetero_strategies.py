@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from strategies.flexlora import FlexLoRA, flexlora_aggregate
+from strategies.codec import adapter_to_record, record_to_adapter
+from strategies.flexlora import FlexLoRA, FlexLoRAConfig, flexlora_aggregate
 from strategies.flexlora_math import dense_svd
-from strategies.hetlora import HetLoRA
+from strategies.hetlora import HetLoRA, HetLoRAConfig
 from strategies.hetlora_math import hetlora_aggregate, pad_adapter, sparsity_weights, with_alpha
-from strategies.ranks import RankPlan
-from strategies.wire import adapter_to_record, record_to_adapter
 from tests.conftest import random_adapter
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -31,18 +30,22 @@ def _reply(message, adapter, n):
                                "metrics": MetricRecord({"num-examples": n})}), reply_to=message)
 
 
-def _plan():
-    return RankPlan(max_rank=4, explicit=(1, 2, 4))
+def _plan(**extra):
+    return HetLoRAConfig(client_ranks="1,2,4", **extra)
+
+
+def _flex_plan(**extra):
+    return FlexLoRAConfig(client_ranks="1,2,4", **extra)
 
 
 def test_hetlora_sends_truncated_factors_with_a_constant_scale():
     strategy = HetLoRA(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
-                       rank_plan=_plan())
+                       config=_plan())
     g = random_adapter(np.random.default_rng(0), {"m": 4})
     messages = _configure(strategy, g)
     config = messages[1].content["config"]
-    assert config["lora-rank"] == 1 and config["lora-alpha"] == 2.0  # 8 * 1/4: scale 2 kept
-    assert config["opt.prune-gamma"] == 0.99
+    assert config["adapter-rank"] == 1 and config["adapter-alpha"] == 2.0  # 8 * 1/4: scale 2 kept
+    assert config["opt.hetlora-gamma"] == 0.99
     sent = record_to_adapter(messages[2].content["arrays"], 4.0)
     np.testing.assert_array_equal(sent.modules["m"].A, g.modules["m"].A[:2])
     np.testing.assert_array_equal(sent.modules["m"].B, g.modules["m"].B[:, :2])
@@ -50,7 +53,7 @@ def test_hetlora_sends_truncated_factors_with_a_constant_scale():
 
 def test_hetlora_aggregates_padded_updates_with_sparsity_weights_and_keeps_pruned_ranks():
     strategy = HetLoRA(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
-                       rank_plan=_plan())
+                       config=_plan())
     g = random_adapter(np.random.default_rng(0), {"m": 4})
     messages = _configure(strategy, g)
     rng = np.random.default_rng(1)
@@ -73,7 +76,7 @@ def test_hetlora_aggregates_padded_updates_with_sparsity_weights_and_keeps_prune
 
 def test_hetlora_rejects_a_rank_above_what_was_sent():
     strategy = HetLoRA(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
-                       rank_plan=_plan())
+                       config=_plan())
     messages = _configure(strategy, random_adapter(np.random.default_rng(0), {"m": 4}))
     too_big = random_adapter(np.random.default_rng(1), {"m": 2}, alpha=4.0)
     strategy.aggregate_train(1, [_reply(messages[1], too_big, 10)])
@@ -99,7 +102,7 @@ def test_flexlora_global_is_the_truncated_svd_of_the_weighted_updates():
 
 def test_flexlora_strategy_records_ranks_and_uses_the_split():
     strategy = FlexLoRA(lora_alpha=8.0, min_train_nodes=3, min_available_nodes=3,
-                        rank_plan=_plan(), split="sqrt")
+                        config=_flex_plan(flexlora_split="sqrt"))
     messages = _configure(strategy, random_adapter(np.random.default_rng(0), {"m": 4}))
     rng = np.random.default_rng(5)
     replies = [_reply(messages[n], random_adapter(rng, {"m": r}, alpha=2.0 * r), 10)
@@ -114,11 +117,11 @@ def test_flexlora_strategy_records_ranks_and_uses_the_split():
 
 def test_bad_strategy_settings_raise_in_the_constructor():
     with pytest.raises(ValueError, match="hetlora-gamma must be in"):
-        HetLoRA(lora_alpha=8.0, prune_gamma=1.5)
+        HetLoRAConfig(hetlora_gamma=1.5)
     with pytest.raises(ValueError, match="hetlora-weighting must be one of"):
-        HetLoRA(lora_alpha=8.0, weighting="equal")
+        HetLoRAConfig(hetlora_weighting="equal")
     with pytest.raises(ValueError, match="flexlora-split must be one of"):
-        FlexLoRA(lora_alpha=8.0, split="A")
+        FlexLoRAConfig(flexlora_split="A")
 
 
 class RegisteringGrid:
@@ -133,15 +136,16 @@ class RegisteringGrid:
 
 @pytest.mark.parametrize("cls", [HetLoRA, FlexLoRA])
 def test_explicit_ranks_wait_for_the_nodes_still_registering(cls, monkeypatch):
-    import strategies.base
+    import strategies.messaging
 
-    monkeypatch.setattr(strategies.base, "NODE_POLL_INTERVAL", 0.0)
-    strategy = cls(lora_alpha=8.0, min_train_nodes=2, min_available_nodes=2, rank_plan=_plan())
+    monkeypatch.setattr(strategies.messaging, "NODE_POLL_INTERVAL", 0.0)
+    config = cls.config_class(client_ranks="1,2,4")
+    strategy = cls(lora_alpha=8.0, min_train_nodes=2, min_available_nodes=2, config=config)
     g = random_adapter(np.random.default_rng(0), {"m": 4})
     messages = strategy.configure_train(1, adapter_to_record(g), ConfigRecord(),
                                         RegisteringGrid([1, 2, 3]))
     assert strategy.ranks == {1: 1, 2: 2, 3: 4}
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3]
     with pytest.raises(ValueError, match="client-ranks lists 3 ranks but there are 4 clients"):
-        cls(lora_alpha=8.0, rank_plan=_plan()).configure_train(
+        cls(lora_alpha=8.0, config=config).configure_train(
             1, adapter_to_record(g), ConfigRecord(), RegisteringGrid([1, 2, 3, 4]))

@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, Message
 
 import strategies.base as base_module
 from privacy.client_level import ClientLevelDP
-from server.settings import FederationSettings, RunSettings
 from strategies.base import LoraStrategy
+from strategies.codec import record_to_adapter
 from strategies.fedit import FedIT
 from strategies.robust import RobustConfig, change_norm, pad_to
-from strategies.wire import record_to_adapter
+from task.run_settings import FederationSettings, RunSettings
 from tests.strategies.test_faults_unit import (
     COUNTS,
     FAULTY,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from strategies.adapter import LoraAdapter, LoraFactors
-from strategies.slora import SLoRA, lora_from_update, stage_two_adapter
+from strategies.slora import SLoRAConfig, lora_from_update, stage_two_adapter
 from strategies.sparse import densify, mask_size, sparse_indices, sparse_key
 
 
@@ -66,8 +66,8 @@ def test_sparse_svd_path_matches_dense():
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="slora-density"):
-        SLoRA(lora_alpha=8.0, density=2.0)
+        SLoRAConfig(slora_density=2.0)
     with pytest.raises(ValueError, match="slora-then must be one of"):
-        SLoRA(lora_alpha=8.0, then="hetlora")
+        SLoRAConfig(slora_then="hetlora")
     with pytest.raises(ValueError, match="must be below num-rounds"):
-        SLoRA.options_from({"lora-rank": 8, "slora-rounds": 3, "num-rounds": 3})
+        SLoRAConfig(slora_rounds=3).check_run(num_rounds=3, lora_rank=8)

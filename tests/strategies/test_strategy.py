@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from strategies.codec import adapter_to_record, record_to_adapter
 from strategies.fedit import FedIT, fedit_aggregate
-from strategies.wire import adapter_to_record, record_to_adapter
 from tests.conftest import random_adapter
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -46,7 +46,7 @@ def test_configure_train_sends_global_adapter_and_instructions():
     assert sorted(messages) == [11, 12, 13]
     content = messages[11].content
     assert content["config"]["strategy"] == "fedit"
-    assert content["config"]["server-round"] == 1 and content["config"]["lora-rank"] == 2
+    assert content["config"]["server-round"] == 1 and content["config"]["adapter-rank"] == 2
     sent = record_to_adapter(content["arrays"], 8.0)
     np.testing.assert_array_equal(sent.modules["m"].A, global_adapter.modules["m"].A)
     assert strategy.history[1].bytes_down == 3 * sum(

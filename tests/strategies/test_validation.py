@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from strategies.codec import adapter_to_record
 from strategies.validation import UpdateRejected, UpdateSpec, validate_update
-from strategies.wire import adapter_to_record
 from tests.conftest import random_adapter
 
 RNG = np.random.default_rng(0)

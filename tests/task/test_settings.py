@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import FederationSettings, RunSettings
+from task.run_settings import FederationSettings, RunSettings
 from task.settings import DataSettings, LoraSettings, ModelSettings, TaskSettings, TrainSettings
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"

@@ -6,9 +6,9 @@ import torch
 from strategies.adapter import LoraAdapter
 from strategies.slora import stage_two_adapter
 from strategies.sparse import mask_size, sparse_key
+from task.base_deltas import adapted_base_layers
 from task.runtime import TaskRuntime
 from task.settings import TaskSettings
-from task.sparse import adapted_base_layers
 from task.training import train_local
 from tests.conftest import tiny_run_config
 
@@ -33,17 +33,17 @@ def test_stage_one_trains_only_masked_base_entries_and_resets(tiny_bert_dir, toy
     originals = {n: layer.weight.detach().clone() for n, layer in layers.items()}
     rt.set_adapter(_with_deltas(rt))
     rt.set_trainable({"extras"})
-    rt.sparse.start_training()
+    rt.base.start_training()
     settings = dataclasses.replace(rt.settings.train, local_steps=5, learning_rate=0.05)
     train_local(rt.model, rt.tokenizer, rt.encoded_partition(0, 1), settings,
                 device=rt.device, seed=0)
-    rt.sparse.stop_training()
+    rt.base.stop_training()
     rt.set_trainable({"lora_A", "lora_B", "extras"})
     trained = rt.get_adapter()
     for name, layer in layers.items():
         changed = (layer.weight.detach() != originals[name]).view(-1).nonzero().view(-1)
         delta = trained.extras[sparse_key(name)]
-        idx = rt.sparse._indices[name]
+        idx = rt.base._indices[name]
         assert set(changed.tolist()) <= set(idx.tolist())  # nothing outside the mask
         assert np.abs(delta).sum() > 0
         expected = (layer.weight.detach().view(-1) - originals[name].view(-1))[idx]

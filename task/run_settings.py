@@ -1,14 +1,21 @@
-"""Settings of the federation (the server's side), and parsing of the whole run config."""
+"""Settings of the whole run: federation, the chosen strategy's own settings, and the task.
+
+Parsed once per process (the server's, and every client's: both read their defaults
+from here) from Flower's flat run config.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from strategies import get_strategy_class
+from strategies import StrategyConfig, get_strategy_class
+from strategies.config import ConfigError, check, from_run_config, settings_keys, to_run_config
+from strategies.messaging import check_sampling
+from strategies.registry import strategy_config, strategy_keys
 from strategies.robust import (
     DEFAULT_COSINE_RATIO,
     DEFAULT_MAX_ABS,
@@ -17,13 +24,7 @@ from strategies.robust import (
     DEFAULT_TRIM_FRACTION,
     RobustConfig,
 )
-from task.settings import (
-    DEFAULT_NUM_ROUNDS,
-    TaskSettings,
-    from_run_config,
-    run_config_key,
-    settings_keys,
-)
+from task.settings import DEFAULT_NUM_ROUNDS, TaskSettings
 
 if TYPE_CHECKING:
     import torch
@@ -71,17 +72,6 @@ class FederationSettings:
     eval_batch_size: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
-    rank_distribution: str = "fixed"
-    rank_choices: str = ""
-    client_ranks: str = ""
-    hetlora_lambda: float = 1e-3
-    hetlora_gamma: float = 0.99
-    hetlora_threshold: float = 0.05
-    hetlora_weighting: str = "sparsity"
-    flexlora_split: str = "B"
-    slora_rounds: int = 2
-    slora_density: float = 0.01
-    slora_then: str = "fedit"
     encrypt_payloads: bool = True
     server_key_file: str = ""
     client_keys_file: str = ""
@@ -100,15 +90,7 @@ class FederationSettings:
     def __post_init__(self) -> None:
         checks = [
             (self.num_rounds >= 1, f"num-rounds must be at least 1, got {self.num_rounds}"),
-            (0 < self.fraction_train <= 1,
-             f"fraction-train must be in (0, 1], got {self.fraction_train}"),
-            (0 <= self.fraction_evaluate <= 1,
-             f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),
-            (self.min_train_nodes >= 1,
-             f"min-train-nodes must be at least 1, got {self.min_train_nodes}"),
             (self.round_timeout > 0, f"round-timeout must be positive, got {self.round_timeout}"),
-            (self.max_num_examples >= 1,
-             f"max-num-examples must be at least 1, got {self.max_num_examples}"),
             (self.eval_every >= 1, f"eval-every must be at least 1, got {self.eval_every}"),
             (self.eval_subset >= 0, f"eval-subset must not be negative, got {self.eval_subset}"),
             (self.eval_batch_size >= 0,
@@ -125,12 +107,12 @@ class FederationSettings:
              f"client-dp-delta must be in (0, 1), got {self.client_dp_delta}"),
         ]
         for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            check(ok, message)
+        check_sampling(fraction_train=self.fraction_train, min_train_nodes=self.min_train_nodes,
+                       fraction_evaluate=self.fraction_evaluate,
+                       min_reply_fraction=self.min_reply_fraction,
+                       max_num_examples=self.max_num_examples)
         cls = get_strategy_class(self.strategy)  # an unknown name fails here, listing them
-        if self.client_dp_noise > 0 and cls.client_dp_refusal:
-            raise ValueError(f"{self.strategy} does not support client-level DP "
-                             f"(client-dp-noise above 0): {cls.client_dp_refusal}")
         cls.check_robust(self.robust(), client_dp=self.client_dp_noise > 0)
 
     def robust(self) -> RobustConfig:
@@ -147,40 +129,51 @@ class FederationSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The whole run: federation and task."""
+    """The whole run: federation, the chosen strategy's own settings, and the task.
+
+    Parsed once per process from the flat run config (:meth:`from_run_config`) and
+    passed down as this object; ``strategy`` is an instance of the chosen strategy's
+    registered config class (:mod:`strategies.registry`).
+    """
 
     federation: FederationSettings
     task: TaskSettings
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
-        cls = get_strategy_class(self.federation.strategy)
-        cls.options_from(self.to_dict())  # strategy settings fail here, before any run starts
-
-    def strategy_options(self) -> dict[str, Any]:
-        """Constructor arguments specific to the chosen strategy."""
-        return get_strategy_class(self.federation.strategy).options_from(self.to_dict())
+        expected = get_strategy_class(self.federation.strategy).config_class
+        if type(self.strategy) is not expected:
+            raise ConfigError(f"strategy {self.federation.strategy} takes a "
+                             f"{expected.__name__}, got {type(self.strategy).__name__}")
+        self.strategy.check_run(num_rounds=self.federation.num_rounds,
+                                lora_rank=self.task.lora.lora_rank)
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
-        """Parse a flat run config once; unknown keys are an error listing the known ones."""
+        """Parse a flat run config once; unknown keys are an error listing the known ones.
+
+        Keys of strategies other than the chosen one are accepted and ignored (the
+        ``[tool.flwr.app.config]`` table lists every strategy's).
+        """
         known = cls.keys()
         unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
-            )
+        check(not unknown,
+              f"unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}")
+        federation = from_run_config(FederationSettings, config)
         return cls(
-            federation=from_run_config(FederationSettings, config),
+            federation=federation,
             task=TaskSettings.from_run_config(config),
+            strategy=strategy_config(federation.strategy, config),
         )
 
     @staticmethod
     def keys() -> set[str]:
-        """Every run-config key."""
-        return settings_keys(FederationSettings) | TaskSettings.keys()
+        """Every run-config key (the federation's, the task's, every strategy's)."""
+        return settings_keys(FederationSettings) | TaskSettings.keys() | strategy_keys()
 
     def to_dict(self) -> dict[str, Any]:
-        """The fully resolved settings as a flat run config."""
-        flat = {run_config_key(k): v for k, v in dataclasses.asdict(self.federation).items()}
+        """The fully resolved settings as a flat run config (the chosen strategy's keys only)."""
+        flat = to_run_config(self.federation)
+        flat.update(self.strategy.to_run_config())
         flat.update(self.task.to_dict())
         return dict(sorted(flat.items()))

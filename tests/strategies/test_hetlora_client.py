@@ -1,11 +1,12 @@
 import numpy as np
 import torch
 
-from client.ranks import apply_rank_budget, fit_rank, prune
+from client.ranks import apply_rank_budget, fit_rank
 from strategies.adapter import LoraAdapter, LoraFactors
+from strategies.hetlora import HetLoRA, lora_factor_pairs, self_pruning_penalty
 from strategies.instructions import ClientInstructions
+from strategies.registry import get_strategy_class
 from task.model import attach_lora, load_base_model
-from task.regularizers import lora_factor_pairs, self_pruning_penalty
 from task.settings import LoraSettings, ModelSettings
 
 
@@ -46,13 +47,29 @@ def _adapter(tail_scale):
     return LoraAdapter({"m": LoraFactors(A, B)}, alpha=8.0)
 
 
-def test_rank_reduction_rule():
-    options = {"prune-lambda": 0.01, "prune-gamma": 0.75, "prune-threshold": 0.05}
+def test_rank_reduction_rule_is_hetloras_client_hook():
+    options = {"hetlora-lambda": 0.01, "hetlora-gamma": 0.75, "hetlora-threshold": 0.05}
+    prune = HetLoRA.client_hooks.after_training
     small_tail = prune(_adapter(1e-3), _instructions(**options))
     assert small_tail.max_rank == 3 and small_tail.alpha == 6.0  # scale 2 kept
     big_tail = prune(_adapter(1.0), _instructions(**options))
     assert big_tail.max_rank == 4
-    assert prune(_adapter(1e-3), _instructions()).max_rank == 4  # not HetLoRA: no pruning
+    fedit = get_strategy_class("fedit").client_hooks  # not HetLoRA: no pruning
+    assert fedit.after_training(_adapter(1e-3), _instructions(**options)).max_rank == 4
+
+
+def test_the_penalty_hook_reads_hetloras_settings_with_their_defaults():
+    class Local:
+        model = _model(rank=4)
+        active = "default"
+
+    assert HetLoRA.client_hooks.penalty(Local, _instructions(**{"hetlora-lambda": 0.0})) is None
+    penalty = HetLoRA.client_hooks.penalty(Local, _instructions())  # the config's defaults
+    with torch.no_grad():
+        for _, b in lora_factor_pairs(Local.model, "default"):
+            b.normal_()
+    expected = 1e-3 * float(self_pruning_penalty(Local.model, "default", 0.99))
+    assert expected > 0 and np.isclose(float(penalty()), expected, rtol=1e-6)
 
 
 def test_node_rank_budget_lowers_rank_and_keeps_scale():
