@@ -83,6 +83,7 @@ def load_for_generation(
     """
     from peft import PeftModel
 
+    from server.results import BASE_DELTAS_FILE
     from task.model import load_base_model, load_tokenizer, select_device
     from task.settings import ModelSettings
 
@@ -114,12 +115,28 @@ def load_for_generation(
     settings = ModelSettings(model=str(base_name), task=task)
     base = load_base_model(settings, num_labels=0, seed=seed)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    apply_base_deltas(peft_model, adapter_dir / BASE_DELTAS_FILE)
     peft_model.to(select_device(device))
     peft_model.eval()
     tokenizer = load_tokenizer(settings)
     used = {**config, "model": str(base_name), "task": task, "seed": seed,
             "adapter": str(adapter_dir)}
     return peft_model, tokenizer, used
+
+
+def apply_base_deltas(model: PeftModel, path: Path) -> None:
+    """Add the run's changes to the frozen base weights, if it made any.
+
+    Strategies that fold their updates into the base (``base_deltas.safetensors`` beside
+    the adapter) are not the adapter alone; :meth:`merge_and_unload` then merges them too.
+    """
+    if not path.exists():
+        return
+    from safetensors.numpy import load_file
+
+    from task.base_deltas import BaseDeltas
+
+    BaseDeltas(model, seed=0).apply(load_file(str(path)))
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, *, system_prompt: str = "",

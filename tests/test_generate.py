@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +214,26 @@ def test_final_adapter_of_a_model_folder_loads_with_auto_peft(tmp_path: Path) ->
         plain = base(input_ids=ids).logits
     assert torch.allclose(expected, got, atol=1e-5)
     assert not torch.allclose(plain, got, atol=1e-3)  # the adapter is applied
+
+
+def test_a_runs_changes_to_the_base_weights_are_applied_and_merged(run: tuple[Path, Any]) -> None:
+    """A strategy that folds updates into the base saves them beside the adapter."""
+    from safetensors.numpy import save_file
+
+    from server.results import BASE_DELTAS_FILE
+    from task.base_deltas import BaseDeltas, base_weights
+
+    root, peft = run
+    rng = np.random.default_rng(0)
+    deltas = {f"{name}.base_delta": rng.normal(0, 0.3, w.shape).astype(np.float32)
+              for name, w in base_weights(peft).items()}
+    save_file(deltas, str(root / "final_adapter" / BASE_DELTAS_FILE))
+    BaseDeltas(peft, seed=0).apply(deltas)  # what the run's model computed
+    model, tokenizer, _ = load_for_generation(str(root), None, None)
+    assert torch.allclose(logits(model), logits(peft), atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    merge_adapter(model, tokenizer, root / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(root / "merged"))
+    merged.eval()
+    assert torch.allclose(logits(merged), logits(peft), atol=1e-4)
