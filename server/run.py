@@ -61,7 +61,7 @@ def build_strategy(settings: RunSettings) -> LoraStrategy:
         seed=fed.seed,
         min_reply_fraction=fed.min_reply_fraction,
         client_dp=build_client_dp(settings),
-        **dataclasses.asdict(fed.robust()),
+        **dataclasses.asdict(settings.robust),
     )
 
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from strategies.config import check
+
 MEAN, MEDIAN, TRIMMED_MEAN, NORM_CLIP = "mean", "median", "trimmed-mean", "norm-clip"
 AGGREGATORS = (MEAN, MEDIAN, TRIMMED_MEAN, NORM_CLIP)
 #: aggregators that combine the clients' tensors coordinate by coordinate
@@ -99,8 +101,7 @@ class RobustConfig:
              f"update-cosine-ratio must be in [0, 1) (0 = off), got {self.update_cosine_ratio}"),
         ]
         for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            check(ok, message)
 
     @property
     def holds_round(self) -> bool:

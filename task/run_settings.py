@@ -6,7 +6,6 @@ from here) from Flower's flat run config.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,14 +15,7 @@ from strategies import StrategyConfig, get_strategy_class
 from strategies.config import ConfigError, check, from_run_config, settings_keys, to_run_config
 from strategies.messaging import check_sampling
 from strategies.registry import strategy_config, strategy_keys
-from strategies.robust import (
-    DEFAULT_COSINE_RATIO,
-    DEFAULT_MAX_ABS,
-    DEFAULT_MIN_COSINE,
-    DEFAULT_NORM_BOUND,
-    DEFAULT_TRIM_FRACTION,
-    RobustConfig,
-)
+from strategies.robust import RobustConfig
 from task.settings import DEFAULT_NUM_ROUNDS, TaskSettings
 
 if TYPE_CHECKING:
@@ -46,14 +38,8 @@ class FederationSettings:
     ``client_dp_*``: client-level DP on the server
     (:mod:`privacy.client_level`): noise multiplier (0 = off), clip norm, delta, and
     whether the noise is seeded from the OS instead of the run seed.
-    ``aggregator``, ``trim_fraction``, ``clip_norm``, ``update_norm_bound``,
-    ``update_max_abs``, ``update_min_cosine``, ``update_cosine_ratio``: robust aggregation
-    (:mod:`strategies.robust`): the aggregator
-    (``mean``, ``median``, ``trimmed-mean``, ``norm-clip``), its trim share and clip norm
-    (0 = the round's median), the bound on each update's change norm as a multiple of the
-    round's median (0 = off), the cap on any value's magnitude (0 = off), and the least
-    cosine of an update's change with the round's median change (-1 = off) and, with it on,
-    the least fraction of the round's median cosine.
+    The robust-aggregation settings are :class:`strategies.robust.RobustConfig`'s, a part
+    of :class:`RunSettings` of their own.
     """
 
     strategy: str = "fedit"
@@ -79,13 +65,6 @@ class FederationSettings:
     client_dp_clip: float = 1.0
     client_dp_delta: float = 1e-5
     client_dp_secure_seed: bool = True
-    aggregator: str = "mean"
-    trim_fraction: float = DEFAULT_TRIM_FRACTION
-    clip_norm: float = 0.0
-    update_norm_bound: float = DEFAULT_NORM_BOUND
-    update_max_abs: float = DEFAULT_MAX_ABS
-    update_min_cosine: float = DEFAULT_MIN_COSINE
-    update_cosine_ratio: float = DEFAULT_COSINE_RATIO
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,13 +91,7 @@ class FederationSettings:
                        fraction_evaluate=self.fraction_evaluate,
                        min_reply_fraction=self.min_reply_fraction,
                        max_num_examples=self.max_num_examples)
-        cls = get_strategy_class(self.strategy)  # an unknown name fails here, listing them
-        cls.check_robust(self.robust(), client_dp=self.client_dp_noise > 0)
-
-    def robust(self) -> RobustConfig:
-        """The robust-aggregation settings (validated: a bad value names its setting)."""
-        return RobustConfig(**{f.name: getattr(self, f.name)
-                                for f in dataclasses.fields(RobustConfig)})
+        get_strategy_class(self.strategy)  # an unknown name fails here, listing them
 
     def eval_batch(self, device: torch.device) -> int:
         """The evaluation batch size on ``device`` (``eval-batch-size``, or auto when 0)."""
@@ -129,24 +102,27 @@ class FederationSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The whole run: federation, the chosen strategy's own settings, and the task.
+    """The whole run: federation, robust aggregation, the chosen strategy's settings, the task.
 
     Parsed once per process from the flat run config (:meth:`from_run_config`) and
     passed down as this object; ``strategy`` is an instance of the chosen strategy's
-    registered config class (:mod:`strategies.registry`).
+    registered config class (:mod:`strategies.registry`); ``robust`` is the robust
+    aggregation's (:class:`strategies.robust.RobustConfig`).
     """
 
     federation: FederationSettings
     task: TaskSettings
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
-        expected = get_strategy_class(self.federation.strategy).config_class
-        if type(self.strategy) is not expected:
+        cls = get_strategy_class(self.federation.strategy)
+        if type(self.strategy) is not cls.config_class:
             raise ConfigError(f"strategy {self.federation.strategy} takes a "
-                             f"{expected.__name__}, got {type(self.strategy).__name__}")
+                              f"{cls.config_class.__name__}, got {type(self.strategy).__name__}")
         self.strategy.check_run(num_rounds=self.federation.num_rounds,
                                 lora_rank=self.task.lora.lora_rank)
+        cls.check_robust(self.robust, client_dp=self.federation.client_dp_noise > 0)
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -164,16 +140,19 @@ class RunSettings:
             federation=federation,
             task=TaskSettings.from_run_config(config),
             strategy=strategy_config(federation.strategy, config),
+            robust=from_run_config(RobustConfig, config),
         )
 
     @staticmethod
     def keys() -> set[str]:
         """Every run-config key (the federation's, the task's, every strategy's)."""
-        return settings_keys(FederationSettings) | TaskSettings.keys() | strategy_keys()
+        return (settings_keys(FederationSettings) | settings_keys(RobustConfig)
+                | TaskSettings.keys() | strategy_keys())
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved settings as a flat run config (the chosen strategy's keys only)."""
         flat = to_run_config(self.federation)
+        flat.update(to_run_config(self.robust))
         flat.update(self.strategy.to_run_config())
         flat.update(self.task.to_dict())
         return dict(sorted(flat.items()))

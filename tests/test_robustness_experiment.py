@@ -56,7 +56,7 @@ def test_the_sweep_covers_every_attack_and_defence_and_every_run_parses(tmp_path
         clients = int(config["num-clients"])
         assert config["min-available-nodes"] == clients
         assert len(attack.attackers) == clients // 4 and max(attack.attackers) < clients
-        fed = settings.federation
+        fed = settings.robust
         if config["defence"] == "off":
             assert (fed.aggregator, fed.update_norm_bound, fed.update_min_cosine) == (
                 "mean", 0.0, -1.0)

@@ -18,7 +18,7 @@ from strategies.base import LoraStrategy
 from strategies.codec import record_to_adapter
 from strategies.fedit import FedIT
 from strategies.robust import RobustConfig, change_norm, pad_to
-from task.run_settings import FederationSettings, RunSettings
+from task.run_settings import RunSettings
 from tests.strategies.test_faults_unit import (
     COUNTS,
     FAULTY,
@@ -258,7 +258,7 @@ def test_flexlora_refuses_the_coordinate_wise_aggregators():
                                              f"aggregator={aggregator}: it sums"):
             make_strategy("flexlora", aggregator=aggregator)
         with pytest.raises(ValueError, match="flexlora does not support"):
-            FederationSettings(strategy="flexlora", aggregator=aggregator)
+            RunSettings.from_run_config({"strategy": "flexlora", "aggregator": aggregator})
 
 
 def test_client_level_dp_composes_with_the_default_aggregator_only():
@@ -269,7 +269,7 @@ def test_client_level_dp_composes_with_the_default_aggregator_only():
             FedIT(client_dp=ClientLevelDP(noise_multiplier=1.0), aggregator=aggregator,
                   **common)
         with pytest.raises(ValueError, match="does not compose with client-level DP"):
-            FederationSettings(client_dp_noise=1.0, aggregator=aggregator)
+            RunSettings.from_run_config({"client-dp-noise": 1.0, "aggregator": aggregator})
 
     # the default works; DP's clip is the bound (the relative bound is not applied, so
     # a scaled update is clipped, not rejected), and it equals the run without the bound
