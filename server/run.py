@@ -108,7 +108,15 @@ class FederatedRun:
     """Runs the rounds through Flower's strategy loop and writes the results folder."""
 
     def __init__(self, settings: RunSettings, on_round: RoundCallback | None = None) -> None:
+        from threadpoolctl import threadpool_limits
+
         from task.runtime import cached_runtime
+
+        # numpy's OpenBLAS runs on one thread in the server: torch's evaluation owns the
+        # cores, and the two thread pools on the same cores were seen to hang OpenBLAS
+        # (a 384 x 8 @ 8 x 384 product spinning for minutes in exec_blas, in a sweep's
+        # long-lived process). The server's numpy work (LoRA factors) is small.
+        threadpool_limits(limits=1, user_api="blas")
 
         self.settings = settings
         self.strategy = build_strategy(settings)
