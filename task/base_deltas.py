@@ -45,15 +45,16 @@ def transposed(model: PeftModel, module: str) -> bool:
     return bool(getattr(adapted_lora_layers(model).get(module), "fan_in_fan_out", False))
 
 
-def base_weights(model: PeftModel) -> dict[str, np.ndarray]:
+def base_weights(model: PeftModel,
+                 originals: Mapping[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """The base weight of every LoRA-adapted module as ``out x in`` float32, by module name.
 
-    The weights as they are now: call it before any base delta is applied to get the
-    pretrained ones.
+    ``originals``: weights to report instead of the current ones (the pretrained weights
+    of modules that carry a delta, :meth:`BaseDeltas.pretrained`).
     """
     out = {}
     for name, layer in adapted_base_layers(model).items():
-        weight = layer.weight.detach().float().cpu()
+        weight = (originals or {}).get(name, layer.weight).detach().float().cpu()
         out[name] = (weight.T if transposed(model, name) else weight).numpy().copy()
     return out
 
@@ -81,6 +82,10 @@ class BaseDeltas:
             idx = sparse_indices(module, weight.numel(), k, self.seed)
             self._indices[module] = torch.from_numpy(idx).to(weight.device)
         return self._indices[module]
+
+    def pretrained(self) -> dict[str, np.ndarray]:
+        """Every adapted module's base weight without its delta (``out x in``, float32)."""
+        return base_weights(self.model, self._originals)
 
     @property
     def modified(self) -> bool:

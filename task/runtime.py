@@ -19,7 +19,7 @@ import torch
 from strategies.adapter import LoraAdapter
 from strategies.parts import BASE
 from task.adapters import DEFAULT_ADAPTER, get_adapter, set_adapter, set_trainable_parts
-from task.base_deltas import BaseDeltas, base_weights, split_base
+from task.base_deltas import BaseDeltas, split_base
 from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data, make_partitioner
 from task.model import (
     attach_lora,
@@ -145,10 +145,12 @@ class TaskRuntime:
         set_adapter(self.model, LoraAdapter.from_state_dict(state, adapter.alpha), self.active)
 
     def base_weights(self) -> dict[str, np.ndarray]:
-        """The pretrained weights of the LoRA-adapted modules (``out x in``), by module name."""
-        if self.base.modified:
-            raise RuntimeError("base weights asked for while base deltas are applied")
-        return base_weights(self.model)
+        """The pretrained weights of the LoRA-adapted modules (``out x in``), by module name.
+
+        Without any delta a strategy applied (a cached runtime may still carry the last
+        run's).
+        """
+        return self.base.pretrained()
 
     def set_trainable(self, parts: Iterable[str]) -> None:
         """Train only these parts of the active adapter.

@@ -72,3 +72,28 @@ def test_full_rank_lora_from_stage_one_equals_w0_plus_the_update(tiny_bert_dir, 
         path = name.replace("base_model.model.", "", 1)
         weight = merged.get_submodule(path).weight
         torch.testing.assert_close(weight, w_stage_one[name], atol=1e-5, rtol=0)
+
+
+def test_dense_deltas_apply_extract_and_leave_the_pretrained_weights_known(tiny_bert_dir,
+                                                                          toy_csv):
+    """A cached runtime that carries a run's dense deltas still knows the pretrained W."""
+    from strategies.sparse import dense_key
+
+    rt = _runtime(tiny_bert_dir, toy_csv)
+    pretrained = rt.base_weights()
+    rng = np.random.default_rng(0)
+    deltas = {dense_key(n): rng.normal(0, 0.1, w.shape).astype(np.float32)
+              for n, w in pretrained.items()}
+    rt.set_adapter(LoraAdapter.from_state_dict(
+        {**rt.initial_adapter.to_state_dict(), **deltas}, rt.alpha))
+    for name, layer in adapted_base_layers(rt.model).items():
+        np.testing.assert_allclose(layer.weight.detach().numpy(),
+                                   pretrained[name] + deltas[dense_key(name)], atol=1e-6)
+    extracted = rt.get_adapter().extras
+    for key, delta in deltas.items():
+        np.testing.assert_allclose(extracted[key], delta, atol=1e-6)
+    for name, weight in rt.base_weights().items():  # the deltas are not reported as W
+        np.testing.assert_array_equal(weight, pretrained[name])
+    rt.set_adapter(rt.initial_adapter)  # no deltas: back at the pretrained weights
+    for name, layer in adapted_base_layers(rt.model).items():
+        np.testing.assert_array_equal(layer.weight.detach().numpy(), pretrained[name])
