@@ -355,6 +355,9 @@ def test_secure_mode_without_torchcsprng_is_refused(rt):
 
 
 def test_dp_training_lowers_the_loss(rt):
+    # dropout draws from torch's global generator: seed it, or the result depends on what
+    # the tests before this one drew (over dropout seeds 0-5 the loss fell by 0.045-0.22)
+    torch.manual_seed(0)
     data = rt.encoded_partition(0, 1)
     before = evaluate(rt.model, rt.tokenizer, data, batch_size=64, device=rt.device)
     settings = _steps(rt, local_steps=30, learning_rate=0.01)
