@@ -57,8 +57,6 @@ def svd_factors(weight: np.ndarray, rank: int, scale: float) -> LoraFactors:
 class FeDeRA(FedIT):
     """FedIT from an SVD initialisation of every adapted module, residual in the base."""
 
-    client_dp_refusal = ""  # the rule is FedIT's: linear in the factors
-
     def initial_global(self, adapter: LoraAdapter,
                        base_weights: Callable[[], Mapping[str, np.ndarray]]) -> LoraAdapter:
         """The SVD factors of every module's pretrained weight, and the residual deltas."""
