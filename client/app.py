@@ -27,6 +27,7 @@ from client.policy import NodePolicy, PolicyRefused
 from client.private_state import load_private, store_private
 from client.ranks import fit_rank
 from privacy.flower import handshake
+from privacy.secagg_flower import answer_query, secure_aggregation_mod
 from privacy.transports import client_mods
 from strategies import get_strategy_class
 from strategies.adapter import LoraAdapter
@@ -274,11 +275,15 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     encryption mod; the handshake query gives the server this round's client key.
     """
     mods = [node_config_mod(dict(node_overrides))] if node_overrides else []
-    client_app = ClientApp(mods=[*mods, *client_mods()])
+    client_app = ClientApp(mods=[*mods, *client_mods(), secure_aggregation_mod])
 
     @client_app.query("fedlora_handshake")
     def _handshake(message: Message, context: Context) -> Message:
         return handshake(message, context)
+
+    @client_app.query("fedlora_secagg")
+    def _secure_aggregation(message: Message, context: Context) -> Message:
+        return answer_query(message, context)
 
     @client_app.train()
     def _train(message: Message, context: Context) -> Message:

@@ -313,10 +313,28 @@ class ClientDPRound:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.metrics: dict[str, float] = mechanism.metrics()
 
+    #: a secure round's client count (its one update is their mean); None: one per update
+    contributors: int | None = None
+
     @property
     def count(self) -> int:
-        """Updates folded in so far."""
-        return self.inner.count
+        """Updates folded in so far (a secure round: the clients in its mean)."""
+        return self.inner.count if self.contributors is None else self.contributors
+
+    def add_mean(self, update: _Update, contributors: int) -> None:
+        """Fold in a secure round's mean of ``contributors`` updates, each clipped by its client.
+
+        Under secure aggregation each client clips its own change to the clip norm before
+        masking (:mod:`privacy.secagg_flower`); the server cannot clip what it cannot
+        see, so it folds the mean in as it is, with uniform weight, and its noise and
+        accounting count ``contributors`` clients.
+        """
+        if self.inner.count or self.contributors is not None:
+            raise ValueError("a secure round's mean is its only update")
+        for key, value in update.state.items():
+            self.shapes[key] = tuple(value.shape)
+        self.contributors = contributors
+        self.inner.add(dataclasses.replace(update, num_examples=1))
 
     def add(self, update: _Update) -> None:
         """Clip the update's change, force uniform weight, fold it into the inner aggregation."""
@@ -342,7 +360,7 @@ class ClientDPRound:
     def result(self) -> Any:
         """The inner aggregate plus ``N(0, (sigma C / m)^2)`` on every coordinate sent."""
         aggregate = self.inner.result()
-        accepted = self.inner.count
+        accepted = self.count
         std = self.mechanism.noise_std(self.sampled)
         if std > 0:
             state = aggregate.to_state_dict()
@@ -363,6 +381,7 @@ class ClientDPRound:
                     self.server_round, accepted, self.sampled, self.sampled,
                     self.mechanism.noise_multiplier * accepted / self.sampled)
         self.metrics = {**self.mechanism.metrics(),
-                        CLIPPED_METRIC: self.clipped / accepted if accepted else 0.0,
                         NOISE_STD_METRIC: std}
+        if self.contributors is None:  # clients clip their own in a secure round
+            self.metrics[CLIPPED_METRIC] = self.clipped / accepted if accepted else 0.0
         return aggregate

@@ -96,8 +96,14 @@ def no_update_accepted(history: Mapping[int, Any], first_round: int) -> str | No
     if not rounds or any(stats.accepted > 0 for stats in rounds):
         return None
     failures = [f for stats in rounds for f in (*stats.failures, *stats.rejections)]
-    first = (f"; first: node {failures[0][0]}: {failures[0][1]}" if failures else
-             "; no client replied")
+    aborted = [reason for stats in rounds
+               if (reason := stats.details.get("secure_aggregation", {}).get("aborted"))]
+    if failures:
+        first = f"; first: node {failures[0][0]}: {failures[0][1]}"
+    elif aborted:
+        first = f"; secure aggregation aborted: {aborted[0]}"
+    else:
+        first = "; no client replied"
     failed = sum(s.failed for s in rounds)
     rejected = sum(s.rejected for s in rounds)
     return (f"no client update was accepted in any of {len(rounds)} round(s) ({failed} "
@@ -121,12 +127,21 @@ class FederatedRun:
         self.settings = settings
         self.strategy = build_strategy(settings)
         self.transport = transport_for(settings.federation)
-        self.runner: Strategy = self.transport.wrap(self.strategy, settings.federation)
+        self.runner: Strategy = self.transport.wrap(self.secured(), settings.federation)
         self.runtime = cached_runtime(settings.task)
         self.writer = ResultsWriter(settings.federation.results_dir, settings.to_dict(),
                                     keep_checkpoints=settings.federation.keep_checkpoints)
         self.state_store = StateStore(settings.federation.results_dir)
         self.on_round = on_round
+
+    def secured(self) -> Strategy:
+        """The strategy, wrapped in secure aggregation when ``secure-aggregation`` is on."""
+        if not self.settings.secure.secure_aggregation:
+            return self.strategy
+        from privacy.secagg_flower import SecureAggregation
+
+        return SecureAggregation(self.strategy, self.settings.secure,
+                                 timeout=self.settings.federation.round_timeout)
 
     #: held-out examples the task could not encode (a response longer than max-length)
     eval_dropped: int = 0
@@ -292,6 +307,7 @@ class FederatedRun:
             "rejections": {str(k): v for k, v in rejections.items()},
             "dp_private_against_server": privacy.private_against_server,
             "transport": self.transport.name,
+            "secure_aggregation": self.settings.secure.secure_aggregation,
             "payload_encryption": self.transport.name == "encrypted",
             "clients_authenticated": self.transport.clients_authenticated(self.runner),
             "no_update_accepted": no_update,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -23,6 +24,30 @@ if TYPE_CHECKING:
 
 class AggregationError(RuntimeError):
     """A round whose accepted updates could not be aggregated."""
+
+
+#: the node id of a secure round's one update: the mean of its clients' summands
+SECURE_SUM_NODE = -1
+
+
+@dataclass(frozen=True)
+class SecureMean:
+    """What a secure round reveals: the weighted mean of its clients' summands, and counts.
+
+    Attributes:
+        state: key -> the weighted mean of what the clients sent, at the global shapes.
+        weight: the summed weight (example counts; the client count under client-level DP).
+        contributors: the nodes whose inputs are in the sum.
+        train_loss: the weighted mean of their train losses (None if not summed).
+        ranks: each contributor's adapter rank, which it reports in clear.
+
+    """
+
+    state: dict[str, np.ndarray]
+    weight: float
+    contributors: tuple[int, ...]
+    train_loss: float | None = None
+    ranks: dict[int, int] = field(default_factory=dict)
 
 
 class Aggregation(ABC):
@@ -47,6 +72,9 @@ class PrivateAggregation(Protocol):
 
     def add(self, update: ClientUpdate) -> None:
         """Clip and fold in one validated update."""
+
+    def add_mean(self, update: ClientUpdate, contributors: int) -> None:
+        """Fold in a secure round's mean of ``contributors`` updates, each clipped by its client."""
 
     def result(self) -> LoraAdapter:
         """The noisy aggregate (charged to the privacy ledger)."""

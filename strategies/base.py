@@ -1,6 +1,6 @@
 """The Flower glue shared by every LoRA strategy: the round loop's four hooks.
 
-Why one module of about 470 lines: it is the class a strategy subclasses; every hook it
+Why one module of about 560 lines: it is the class a strategy subclasses; every hook it
 may override sits beside the Flower method that calls it, so a strategy's author reads
 one file. Sampling, messages, reply collection, aggregation wrappers and round
 statistics live in their own modules.
@@ -27,6 +27,11 @@ as it arrives; with ``update-norm-bound`` above 0 or a robust ``aggregator``, a
 :class:`~strategies.robust_round.RobustRound` holds the round's updates until all are in.
 Client-level DP (``privacy.client_level.ClientLevelDP``, given as ``client_dp``) wraps
 the aggregation: it clips each validated update, forces uniform weights and adds noise.
+Secure aggregation (``privacy.secagg_flower.SecureAggregation``) wraps the strategy: the
+server never sees an update, only the round's weighted mean, which it hands to
+:meth:`LoraStrategy.aggregate_secure_mean`; a strategy whose rule is not linear in what
+clients send says why in ``secure_aggregation_refusal`` (or
+``secure_aggregation_refusal_for`` when it depends on its settings).
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from strategies.adapter import LoraAdapter
-from strategies.aggregation import Aggregation, ClientDP, CollectedUpdates, PrivateAggregation
+from strategies.aggregation import (
+    SECURE_SUM_NODE,
+    Aggregation,
+    ClientDP,
+    CollectedUpdates,
+    PrivateAggregation,
+    SecureMean,
+)
 from strategies.client_hooks import NO_HOOKS, ClientHooks
 from strategies.codec import adapter_to_record, record_to_adapter
 from strategies.collection import average_scores, collect_updates, round_metrics
@@ -119,6 +131,10 @@ class LoraStrategy(Strategy):
     client_dp_refusal: ClassVar[str] = ""
     #: why the coordinate-wise aggregators (median, trimmed-mean) do not fit this strategy
     coordinate_wise_refusal: ClassVar[str] = ""
+    #: why secure aggregation (the server sees only a weighted sum) cannot run it ("" = it can)
+    secure_aggregation_refusal: ClassVar[str] = ""
+    #: False under secure aggregation: metrics that need each update are skipped
+    individual_updates_visible: bool = True
 
     def __init__(
         self,
@@ -216,6 +232,16 @@ class LoraStrategy(Strategy):
             "updates clipped to client-dp-clip, which already bounds every client's "
             "influence; a median, trimmed mean or second clip changes that sensitivity. "
             "Use aggregator=mean with client-level DP, or client-dp-noise=0")
+
+    @classmethod
+    def secure_aggregation_refusal_for(cls, config: StrategyConfig) -> str:
+        """Why secure aggregation cannot run this strategy with ``config`` ("" = it can).
+
+        It can when the new global adapter is the data-size weighted mean of what clients
+        send (at the global shapes: a lower rank zero-pads), whatever the strategy does
+        with that mean afterwards; default: :attr:`secure_aggregation_refusal`.
+        """
+        return cls.secure_aggregation_refusal
 
     def client_rank(self, node_id: int, global_adapter: LoraAdapter) -> int:
         """The LoRA rank of node ``node_id`` this round (default: the global rank)."""
@@ -399,16 +425,77 @@ class LoraStrategy(Strategy):
                 robust.screen()
         except ValueError as exc:
             raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
+        return self._release(server_round, stats, aggregation, private, aggregation.count)
+
+    def summand_shapes(self) -> dict[str, tuple[int, ...]]:
+        """What each client adds into this round's secure sum: key -> shape.
+
+        The parts clients send, at the shapes of the round's global adapter (a client at
+        a lower rank zero-pads its factors to them).
+        """
+        if self._global is None:
+            raise AggregationError("summand_shapes called before configure_train")
+        parts = {p for payload in self._payloads.values()
+                 for p in payload.instructions.send_parts} or self.send_parts
+        return {k: tuple(v.shape) for k, v in
+                select_parts(self._global.to_state_dict(), parts).items()}
+
+    def aggregate_secure_mean(
+        self, server_round: int, mean: SecureMean
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate a secure round from the weighted mean of its clients' summands.
+
+        The strategy's aggregation receives one update, the mean, weighted by the summed
+        weight: a rule that is linear in what clients send returns it unchanged, then
+        applies whatever it does with an average. Under client-level DP each client
+        clipped its own change and the noise is set for ``mean.contributors`` clients.
+        """
+        if self._global is None:
+            raise AggregationError("aggregate_secure_mean called before configure_train")
+        stats = self.history.setdefault(server_round, RoundStats(round=server_round))
+        for node_id in mean.contributors:
+            stats.accepted += 1
+            stats.client_ranks[node_id] = mean.ranks.get(node_id, self._global.max_rank)
+        stats.train_loss = mean.train_loss
+        self.note_secure_ranks(mean.ranks)
+        adapter = LoraAdapter.from_state_dict({**self._global.to_state_dict(), **mean.state},
+                                              self._global.alpha)
+        update = ClientUpdate(node_id=SECURE_SUM_NODE, num_examples=max(1, round(mean.weight)),
+                              state=dict(mean.state), metrics={}, adapter=adapter)
+        aggregation: Aggregation | PrivateAggregation = self.start_aggregation(
+            server_round, self._global)
+        private: PrivateAggregation | None = None
+        try:
+            if self.client_dp is not None:
+                private = aggregation = self.client_dp.wrap(
+                    aggregation, server_round=server_round, sampled=max(stats.sampled, 1),
+                    available=max(stats.available, stats.sampled, 1),
+                    reference=self.sent_tensors)
+                private.add_mean(update, len(mean.contributors))
+            else:
+                aggregation.add(update)
+        except ValueError as exc:
+            raise AggregationError(f"round {server_round}: aggregation failed: {exc}") from exc
+        return self._release(server_round, stats, aggregation, private, len(mean.contributors))
+
+    def note_secure_ranks(self, ranks: Mapping[int, int]) -> None:
+        """The ranks clients reported in a secure round (default: nothing to keep)."""
+
+    def _release(
+        self, server_round: int, stats: RoundStats, aggregation: Aggregation | PrivateAggregation,
+        private: PrivateAggregation | None, count: int,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Finish a round of ``count`` updates: abandon it with too few, else publish it."""
         log(INFO, "round %d: %d accepted, %d rejected, %d failed", server_round,
             stats.accepted, stats.rejected, stats.failed)
-        if aggregation.count == 0:
+        if count == 0:
             log(WARNING, "round %d: no valid update; the global adapter is unchanged",
                 server_round)
             return None, round_metrics(stats)
-        if aggregation.count < self.min_reply_fraction * stats.sampled:
+        if count < self.min_reply_fraction * stats.sampled:
             log(WARNING, "round %d abandoned: %d valid updates of %d sampled nodes is below "
                 "min-reply-fraction %.2f; the global adapter is unchanged", server_round,
-                aggregation.count, stats.sampled, self.min_reply_fraction)
+                count, stats.sampled, self.min_reply_fraction)
             stats.metrics["abandoned"] = 1.0
             return None, round_metrics(stats)
         try:
@@ -440,6 +527,10 @@ class LoraStrategy(Strategy):
             if largest > cap:
                 raise UpdateRejected(f"{key}: a value of magnitude {largest:.4g} exceeds "
                                      f"update-max-abs {cap:g}")
+
+    def sent_payload(self, node_id: int) -> Payload | None:
+        """What node ``node_id`` was sent this round (None: it was not sampled)."""
+        return self._payloads.get(node_id)
 
     def sent_tensors(self, node_id: int) -> dict[str, np.ndarray]:
         """The tensors node ``node_id`` was sent this round, for the parts it sends back."""

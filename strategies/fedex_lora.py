@@ -89,6 +89,9 @@ class FedExLoRA(FedIT):
     train_parts: ClassVar[frozenset[str]] = ADAPTER_PARTS
     send_parts: ClassVar[frozenset[str]] = ADAPTER_PARTS
     download_parts: ClassVar[frozenset[str]] = ALL_PARTS  # the factors and the base deltas
+    secure_aggregation_refusal = (
+        "its residual avg(s B_k A_k) - s avg(B) avg(A) needs each client's product B_k A_k, "
+        "not only the sum of the factors; use fedit or ffa-lora (exact without a residual)")
     client_dp_refusal = (
         "its residual avg(s B_k A_k) - s avg(B) avg(A) is built from each client's product "
         "B_k A_k, which client-level DP's clipping of the factors does not bound and its "

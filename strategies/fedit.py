@@ -178,7 +178,8 @@ class _FedITRound(RunningAverage):
 
     def __init__(self, strategy: FedIT, server_round: int, global_adapter: LoraAdapter) -> None:
         super().__init__(global_adapter, strategy.send_parts,
-                         keep_bytes=strategy.error_metric_max_bytes)
+                         keep_bytes=strategy.error_metric_max_bytes
+                         if strategy.individual_updates_visible else 0)
         self.strategy = strategy
         self.server_round = server_round
 

@@ -77,6 +77,11 @@ class FlexLoRA(HeteroRankStrategy):
     config: FlexLoRAConfig
 
     exact_rank = False  # a node with a smaller rank budget may train below its rank
+    secure_aggregation_refusal = (
+        "its global adapter is an SVD of the weighted sum of the clients' products "
+        "B_k A_k, which is not linear in the factors they send; a secure sum of the "
+        "products would need each client's dense d x k matrices. Use hetlora with "
+        "hetlora-weighting=data-size (heterogeneous ranks) or fedit")
     client_dp_refusal = (
         "its global adapter is an SVD of the sum of the clients' products B_k A_k, which is "
         "not linear in the factors, so clipping a client's factors does not bound its effect "

@@ -64,6 +64,10 @@ class FLoRA(HeteroRankStrategy):
     train_parts: ClassVar[frozenset[str]] = ADAPTER_PARTS
     send_parts: ClassVar[frozenset[str]] = ADAPTER_PARTS
     download_parts: ClassVar[frozenset[str]] = ALL_PARTS  # the fresh adapter and the merged base
+    secure_aggregation_refusal = (
+        "it stacks every client's factors side by side, so the server holds each "
+        "client's B_k and A_k by construction; use fedit, ffa-lora or hetlora with "
+        "hetlora-weighting=data-size")
     client_dp_refusal = (
         "it merges the sum of the clients' products B_k A_k into the base, which clipping "
         "the factors does not bound and noise on averaged factors does not cover; use fedit "

@@ -18,7 +18,7 @@ with the strategy; it reads the same :class:`HetLoRAConfig` from the round's opt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 from flwr.supercore import log
 
 from strategies.adapter import LoraAdapter
+from strategies.aggregation import SECURE_SUM_NODE
 from strategies.client_hooks import ClientHooks, LocalModel, Penalty
-from strategies.config import check, setting
+from strategies.config import StrategyConfig, check, setting
 from strategies.fedit import normalized_weights
 from strategies.hetero import HeteroRankStrategy, RankConfig
 from strategies.hetlora_math import (
@@ -155,6 +156,25 @@ class HetLoRA(HeteroRankStrategy):
                 "choose its rank, which the aggregate shows and the epsilon does not cover; "
                 "set hetlora-threshold=0 to keep ranks public")
 
+    @classmethod
+    def secure_aggregation_refusal_for(cls, config: StrategyConfig) -> str:
+        """Sparsity weights need each client's update norm; data-size weights are linear."""
+        if isinstance(config, HetLoRAConfig) and config.hetlora_weighting == "sparsity":
+            return ("hetlora-weighting=sparsity weights each client by the norm of its own "
+                    "update (sum_m ||s B_k A_k||), which the server would have to see; set "
+                    "hetlora-weighting=data-size (zero-padded factors average linearly)")
+        return ""
+
+    def note_secure_ranks(self, ranks: Mapping[int, int]) -> None:
+        """Pruned ranks stick: in a secure round each client reports its rank in clear.
+
+        A rank above what the node was sent, or below 1, is ignored.
+        """
+        for node_id, rank in ranks.items():
+            payload = self.sent_payload(node_id)
+            if payload is not None and 1 <= rank <= payload.instructions.rank:
+                self.ranks[node_id] = rank
+
     def aggregate_adapters(
         self, server_round: int, global_adapter: LoraAdapter, updates: Sequence[ClientUpdate]
     ) -> LoraAdapter:
@@ -163,13 +183,13 @@ class HetLoRA(HeteroRankStrategy):
         padded = [with_alpha(pad_adapter(u.adapter, r_max), global_adapter.alpha)
                   for u in updates if u.adapter is not None]
         for update in updates:
-            if update.adapter is not None:
+            if update.adapter is not None and update.node_id != SECURE_SUM_NODE:
                 self.ranks[update.node_id] = update.adapter.max_rank  # pruned ranks stick
         if self.weighting == "sparsity":
             weights = sparsity_weights(padded)
         else:
             weights = normalized_weights([u.num_examples for u in updates])
-        stats = self.history[server_round]
-        stats.details["aggregation_weights"] = {
-            str(u.node_id): float(w) for u, w in zip(updates, weights, strict=True)}
+        if self.individual_updates_visible:
+            self.history[server_round].details["aggregation_weights"] = {
+                str(u.node_id): float(w) for u, w in zip(updates, weights, strict=True)}
         return hetlora_aggregate(padded, weights, r_max)

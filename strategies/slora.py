@@ -115,6 +115,15 @@ class SLoRA(LoraStrategy):
         self.stage_two.sampler = self.sampler
 
     @property
+    def individual_updates_visible(self) -> bool:  # type: ignore[override]
+        """Whether the server sees each update; stage 2's strategy follows it."""
+        return self.stage_two.individual_updates_visible
+
+    @individual_updates_visible.setter
+    def individual_updates_visible(self, value: bool) -> None:
+        self.stage_two.individual_updates_visible = value
+
+    @property
     def mask_seed(self) -> int:
         """The seed of the sparse masks (the run seed, as the clients' runtimes use)."""
         return self.seed

@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from privacy.secagg_config import SecureAggregationConfig
 from strategies import StrategyConfig, get_strategy_class
 from strategies.config import ConfigError, check, from_run_config, settings_keys, to_run_config
 from strategies.messaging import check_sampling
 from strategies.registry import strategy_config, strategy_keys
-from strategies.robust import RobustConfig
+from strategies.robust import MEAN, RobustConfig
 from task.settings import DEFAULT_NUM_ROUNDS, TaskSettings
 
 if TYPE_CHECKING:
@@ -107,13 +108,15 @@ class RunSettings:
     Parsed once per process from the flat run config (:meth:`from_run_config`) and
     passed down as this object; ``strategy`` is an instance of the chosen strategy's
     registered config class (:mod:`strategies.registry`); ``robust`` is the robust
-    aggregation's (:class:`strategies.robust.RobustConfig`).
+    aggregation's (:class:`strategies.robust.RobustConfig`); ``secure`` is secure
+    aggregation's (:class:`privacy.secagg_config.SecureAggregationConfig`).
     """
 
     federation: FederationSettings
     task: TaskSettings
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def __post_init__(self) -> None:
         cls = get_strategy_class(self.federation.strategy)
@@ -123,6 +126,17 @@ class RunSettings:
         self.strategy.check_run(num_rounds=self.federation.num_rounds,
                                 lora_rank=self.task.lora.lora_rank)
         cls.check_robust(self.robust, client_dp=self.federation.client_dp_noise > 0)
+        if self.secure.secure_aggregation:
+            refusal = cls.secure_aggregation_refusal_for(self.strategy)
+            check(not refusal, f"strategy {self.federation.strategy} cannot run with "
+                  f"secure-aggregation=true: {refusal}")
+            check(self.federation.min_train_nodes >= 2,
+                  "secure-aggregation=true needs min-train-nodes of at least 2: the sum of "
+                  f"one client is its update (got {self.federation.min_train_nodes})")
+            check(self.robust.aggregator == MEAN,
+                  f"aggregator={self.robust.aggregator} needs every client's update, which "
+                  "secure-aggregation=true hides from the server (it sees only their sum); "
+                  "use aggregator=mean, or secure-aggregation=false")
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -141,18 +155,21 @@ class RunSettings:
             task=TaskSettings.from_run_config(config),
             strategy=strategy_config(federation.strategy, config),
             robust=from_run_config(RobustConfig, config),
+            secure=from_run_config(SecureAggregationConfig, config),
         )
 
     @staticmethod
     def keys() -> set[str]:
         """Every run-config key (the federation's, the task's, every strategy's)."""
         return (settings_keys(FederationSettings) | settings_keys(RobustConfig)
+                | settings_keys(SecureAggregationConfig)
                 | TaskSettings.keys() | strategy_keys())
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved settings as a flat run config (the chosen strategy's keys only)."""
         flat = to_run_config(self.federation)
         flat.update(to_run_config(self.robust))
+        flat.update(to_run_config(self.secure))
         flat.update(self.strategy.to_run_config())
         flat.update(self.task.to_dict())
         return dict(sorted(flat.items()))

@@ -70,10 +70,10 @@ def test_gains_table_gives_round_zero_last_round_and_the_per_seed_gain(tmp_path)
 
 
 def test_a_run_that_accepted_no_update_is_named_with_its_first_failure():
-    def stats(accepted: int, failures=(), rejections=()):
+    def stats(accepted: int, failures=(), rejections=(), details=None):
         return SimpleNamespace(accepted=accepted, failed=len(failures),
                                rejected=len(rejections), failures=list(failures),
-                               rejections=list(rejections))
+                               rejections=list(rejections), details=details or {})
 
     failing = {1: stats(0, failures=[(7, "Column (label) not in table")]),
                2: stats(0, rejections=[(8, "norm too large")])}
@@ -84,3 +84,5 @@ def test_a_run_that_accepted_no_update_is_named_with_its_first_failure():
     assert no_update_accepted({**failing, 3: stats(1)}, 1) is None
     assert no_update_accepted({1: stats(1), 2: stats(0)}, 2) is not None  # resumed at 2
     assert no_update_accepted({}, 1) is None
+    aborted = {1: stats(0, details={"secure_aggregation": {"aborted": "2 masked input(s)"}})}
+    assert "secure aggregation aborted: 2 masked input(s)" in no_update_accepted(aborted, 1)

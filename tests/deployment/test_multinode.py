@@ -7,11 +7,13 @@ SuperNode authentication; 3 node keys registered with ``flwr supernode register`
 with the node config ``fedlora certs`` prints (its handshake signing key, the pinned
 server payload key, ``require-encryption``, its own DP ledger file, a rank cap); then
 ``flwr run`` of this repository for 2 rounds of the tiny model with payload encryption
-on, given the server payload key and the admitted client keys that ``fedlora certs``
+and secure aggregation on (SecAgg+ among the three nodes, threshold 2), given the server
+payload key and the admitted client keys that ``fedlora certs``
 wrote (``server-key-file``, ``client-keys-file``). When SuperNode 1 receives its round-2
 train message, its whole process group (SuperNode, its SuperExec and ClientApp) is
-SIGKILLed: round 2 must aggregate the other two replies once the SuperLink reports the
-dead node unavailable (or ``round-timeout`` passes), and the run must finish. Every
+SIGKILLed, after it shared its keys: round 2 must recover its masks and unmask the sum
+of the other two once the SuperLink reports the dead node unavailable (or
+``round-timeout`` passes), and the run must finish. Every
 process is stopped by PID (process group, then what is left by PID) before the tests look
 at the outcome, also when something fails half-way. About 2 minutes on 2 cores, a minute
 of it waiting for Flower to notice the dead node.
@@ -59,7 +61,7 @@ VICTIM = 1  # the SuperNode killed mid-round 2
 # misses heartbeats (Flower 1.42: 2 x 30 s after the last one) and answers its message
 # with a "node unavailable" error, so the round waits 30-60 s after the kill.
 ROUND_TIMEOUT = 150.0
-RUN_TIMEOUT = 420.0
+RUN_TIMEOUT = 600.0
 START_LINE = re.compile(r"fedlora client: round (\d+), partition (\d+) \(pid (\d+)\): training "
                         r"starts after ([\d.]+) s of setup \(process age ([\d.]+) s\)")
 DONE_LINE = re.compile(r"fedlora client: round (\d+), partition (\d+) \(pid (\d+)\): (\d+) "
@@ -239,7 +241,7 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path,
             "num-rounds": 2, "results-dir": str(results), "fraction-train": 1.0,
             "min-train-nodes": NUM_NODES, "min-available-nodes": NUM_NODES,
             "round-timeout": ROUND_TIMEOUT, "min-reply-fraction": 0.5,
-            "encrypt-payloads": True, "local-steps": 4,
+            "encrypt-payloads": True, "secure-aggregation": True, "local-steps": 4,
             certs.RUN_SERVER_KEY_FILE: str(material.server_payload_key),
             certs.RUN_CLIENT_KEYS_FILE: str(material.allowed_clients),
         })
@@ -316,6 +318,14 @@ def test_two_rounds_over_tls_with_authenticated_nodes(outcome: Outcome) -> None:
     assert "clients are not authenticated" not in outcome.run_log
     summary = json.loads((outcome.results / "summary.json").read_text())
     assert (summary["payload_encryption"], summary["clients_authenticated"]) == (True, True)
+    assert summary["secure_aggregation"] is True
+    # secure aggregation: setup, share-keys and unmask queries in each round, each in a
+    # fresh ClientApp process, its state carried by the SuperNode's context
+    assert first["secagg_unmask_clients"] == NUM_NODES and first["secagg_dropouts_recovered"] == 0
+    for i, node in enumerate(outcome.nodes):
+        expected = 5 if i == VICTIM else 6  # the victim died before its round-2 unmask
+        assert node.count(r"Receiving: query\.fedlora_secagg message") == expected, \
+            tail(node.log)
     for node in outcome.nodes:
         assert node.count(r"Receiving: query\.fedlora_handshake message") == 2, tail(node.log)
         assert "pinned the server key" not in node.text()  # pinned by config, not on first use
@@ -362,6 +372,11 @@ def test_a_node_killed_mid_round_leaves_the_round_to_the_others(outcome: Outcome
     assert second["num_rejected"] == 0
     assert (second["num_failed"] or 0) + (second.get("num_missing") or 0) == 1, second
     assert not second.get("abandoned"), second  # 2 of 3 clears min-reply-fraction 0.5
+    # it had shared its keys: its pairwise masks were recovered from the others' shares
+    assert second["secagg_dropouts_recovered"] == 1, second
+    details = json.loads((outcome.results / "details.json").read_text())
+    assert details["2"]["secure_aggregation"]["recovered"] == {
+        "self-masks": NUM_NODES - 1, "dropped-keys": 1}
     assert second["eval_accuracy"] is not None
     log = outcome.run_log
     assert "round 2: 2 accepted" in log, log[-3000:]
