@@ -22,6 +22,8 @@ from typing import Any
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+import privacy.opacus_import  # noqa: F401 - takes off the root log handler Opacus adds
+
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 

@@ -8,13 +8,13 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.run import FederatedRun, RoundCallback
+from server.run import FederatedRun, ReplyCallback, RoundCallback
 from task.run_settings import RunSettings
 
 
 def make_server_app(
     overrides: Mapping[str, Any] | None = None, on_round: RoundCallback | None = None,
-    settings: RunSettings | None = None,
+    settings: RunSettings | None = None, on_reply: ReplyCallback | None = None,
 ) -> ServerApp:
     """A ServerApp; ``overrides`` are run-config entries applied over the run's own.
 
@@ -27,7 +27,7 @@ def make_server_app(
     def _main(grid: Grid, context: Context) -> None:
         run = settings if settings is not None else RunSettings.from_run_config(
             {**context.run_config, **(overrides or {})})
-        FederatedRun(run, on_round=on_round).execute(grid)
+        FederatedRun(run, on_round=on_round, on_reply=on_reply).execute(grid)
 
     return server_app
 

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from privacy.client_level import ClientLevelDP
 from privacy.transports import transport_for
+from server.errors import RunFailed
 from server.plots import plot_metrics
 from server.replies import stream_replies
 from server.results import ResultsWriter
 from server.state import ServerState, StateStore
+from server.tracking import Tracker, make_trackers
 from strategies import LoraStrategy, get_strategy_class
 from strategies.codec import adapter_to_record, record_to_adapter, state_to_record
 from strategies.sparse import is_dense_key
@@ -30,6 +32,8 @@ from task.tasks import Task, get_task
 from task.training import Encoded
 
 RoundCallback = Callable[[dict[str, Any]], None]
+#: (round, training replies received so far, messages sent): a progress display's feed
+ReplyCallback = Callable[[int, int, int], None]
 
 #: settings a resumed run must share with the saved one (they change what is trained)
 RESUME_MUST_MATCH = ("strategy", "model", "task", "dataset", "lora-rank", "lora-alpha",
@@ -113,7 +117,8 @@ def no_update_accepted(history: Mapping[int, Any], first_round: int) -> str | No
 class FederatedRun:
     """Runs the rounds through Flower's strategy loop and writes the results folder."""
 
-    def __init__(self, settings: RunSettings, on_round: RoundCallback | None = None) -> None:
+    def __init__(self, settings: RunSettings, on_round: RoundCallback | None = None,
+                 on_reply: ReplyCallback | None = None) -> None:
         from threadpoolctl import threadpool_limits
 
         from task.runtime import cached_runtime
@@ -133,6 +138,10 @@ class FederatedRun:
                                     keep_checkpoints=settings.federation.keep_checkpoints)
         self.state_store = StateStore(settings.federation.results_dir)
         self.on_round = on_round
+        self.on_reply = on_reply
+        self.trackers = make_trackers(settings.federation.trackers, self.writer.root,
+                                      settings.to_dict(),
+                                      settings.federation.mlflow_tracking_uri)
 
     def secured(self) -> Strategy:
         """The strategy, wrapped in secure aggregation when ``secure-aggregation`` is on."""
@@ -142,6 +151,10 @@ class FederatedRun:
 
         return SecureAggregation(self.strategy, self.settings.secure,
                                  timeout=self.settings.federation.round_timeout)
+
+    #: progress feed and experiment trackers (none unless given)
+    on_reply: ReplyCallback | None = None
+    trackers: Sequence[Tracker] = ()
 
     #: held-out examples the task could not encode (a response longer than max-length)
     eval_dropped: int = 0
@@ -180,6 +193,8 @@ class FederatedRun:
         record = self._round_record(server_round, scores, time.monotonic() - started)
         self.writer.add_round(record, self._round_details(server_round))
         self._log_round(record)
+        for tracker in self.trackers:
+            tracker.log_round(record)
         if self.on_round is not None:
             self.on_round(record)
         return MetricRecord(scores) if scores else None
@@ -268,8 +283,10 @@ class FederatedRun:
         self.runner.summary()
         for server_round in range(first_round, fed.num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", server_round, fed.num_rounds)
-            messages = self.runner.configure_train(server_round, arrays, ConfigRecord(), grid)
-            replies = stream_replies(grid, messages, timeout=fed.round_timeout)
+            messages = list(self.runner.configure_train(server_round, arrays, ConfigRecord(),
+                                                        grid))
+            replies = self._counted(server_round, len(messages), stream_replies(
+                grid, messages, timeout=fed.round_timeout))
             if server_round == 1:  # the initial adapter, scored while the nodes set up
                 self.evaluate(0, initial)
             new_arrays, _ = self.runner.aggregate_train(server_round, replies)
@@ -282,6 +299,10 @@ class FederatedRun:
                     evaluate, timeout=fed.round_timeout))
             self.evaluate(server_round, arrays)
             self.save_state(server_round, arrays)
+            stopped = self.reason_to_stop(server_round)
+            if stopped is not None:
+                log(ERROR, "%s", stopped)
+                break
         final = record_to_adapter(arrays, self.settings.task.lora.lora_alpha)
         self.runtime.set_adapter(final)
         self.writer.save_adapter(self.runtime.model, "final_adapter", base_deltas={
@@ -291,6 +312,7 @@ class FederatedRun:
                      title=f"{fed.strategy} on {self.settings.task.data.dataset}")
         rejections = {r: s.rejections for r, s in self.strategy.history.items() if s.rejections}
         no_update = no_update_accepted(self.strategy.history, first_round)
+        failure = stopped or no_update
         self.writer.write_json("summary.json", {
             "strategy": fed.strategy,
             "rounds": fed.num_rounds,
@@ -301,6 +323,7 @@ class FederatedRun:
             "best": summary.best(f"eval_{self.task.metric}",
                                  self.task.higher_is_better),
             "dropped_examples": {
+                "unusable_records": self.runtime.data.unusable,
                 "eval": self.eval_dropped,
                 "train_last_round": int(summary.final.get("dropped_examples") or 0)},
             "seconds": summary.seconds,
@@ -311,12 +334,51 @@ class FederatedRun:
             "payload_encryption": self.transport.name == "encrypted",
             "clients_authenticated": self.transport.clients_authenticated(self.runner),
             "no_update_accepted": no_update,
+            "stopped": stopped,
+            "failure": failure,
         })
         log(INFO, "results written to %s", self.writer.root)
-        if no_update is not None:
-            log(ERROR, "%s", no_update)
-            raise RuntimeError(no_update)
+        for tracker in self.trackers:
+            tracker.finish(self.writer.root)
+        if failure is not None:
+            if stopped is None:
+                log(ERROR, "%s", failure)
+            raise RunFailed(failure)
         return summary
+
+    def reason_to_stop(self, server_round: int) -> str | None:
+        """Why the run must stop after ``server_round``, or None to go on.
+
+        It stops when every sampled client failed with the same error in this round (the
+        next round would fail the same way), or after ``max-failed-rounds`` rounds in a
+        row without an accepted update.
+        """
+        history = self.strategy.history
+        stats = history.get(server_round)
+        if stats is None or stats.accepted > 0:
+            return None
+        reasons = {reason for _, reason in stats.failures}
+        if stats.sampled > 0 and stats.failed == stats.sampled and len(reasons) == 1:
+            return (f"the run stopped after round {server_round}: every client ("
+                    f"{stats.failed}) failed with the same error: {reasons.pop()}")
+        limit = self.settings.federation.max_failed_rounds
+        empty = [r for r in range(server_round - limit + 1, server_round + 1)
+                 if (s := history.get(r)) is not None and s.accepted == 0]
+        if limit > 0 and len(empty) >= limit:
+            detail = no_update_accepted({r: history[r] for r in empty}, empty[0])
+            return (f"the run stopped after round {server_round}: {limit} round(s) in a row "
+                    f"without an accepted update: {detail}")
+        return None
+
+    def _counted(self, server_round: int, sent: int,
+                 replies: Iterator[Message]) -> Iterator[Message]:
+        """The replies, each reported to ``on_reply`` as it arrives."""
+        if self.on_reply is not None:
+            self.on_reply(server_round, 0, sent)
+        for received, reply in enumerate(replies, 1):
+            if self.on_reply is not None:
+                self.on_reply(server_round, received, sent)
+            yield reply
 
     def save_state(self, server_round: int, arrays: ArrayRecord) -> None:
         """Save what a restarted server needs to continue after ``server_round``."""

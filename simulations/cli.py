@@ -27,6 +27,7 @@ SIMULATE_OPTIONS = {
     "learning_rate": "learning-rate",
     "batch_size": "batch-size",
     "resume": "resume",
+    "tracker": "tracker",
 }
 
 
@@ -57,6 +58,8 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--local-steps", type=int, help="optimizer steps per client per round")
     p.add_argument("--learning-rate", type=float, help="client AdamW learning rate")
     p.add_argument("--batch-size", type=int, help="client batch size")
+    p.add_argument("--tracker", help="experiment tracking: tensorboard, mlflow (comma-separated; "
+                   "needs pip install 'fedlora[tracking]')")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the last completed round saved in the results folder")
     p.add_argument("--run-config", default="",
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of any error (also of bad settings)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Flower's DEBUG log lines too")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_centralised(sub)
@@ -217,11 +222,17 @@ def _print_summary(records: list[dict[str, Any]], results_dir: str) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    from simulations.progress import RunProgress
     from simulations.simulate import simulate, simulation_settings
+    from task.tasks import get_task
 
     settings = simulation_settings(simulate_run_config(args))  # parsed once, passed down
-    records = simulate(settings, num_clients=simulate_num_clients(args),
-                       cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
+    metric = get_task(settings.task.model.task).metric
+    with RunProgress(settings.federation.num_rounds, metric=metric) as progress:
+        records = simulate(settings, num_clients=simulate_num_clients(args),
+                           cpus_per_client=args.cpus_per_client,
+                           gpus_per_client=args.gpus_per_client, verbose=args.verbose,
+                           on_round=progress.on_round, on_reply=progress.on_reply)
     _print_summary(records, settings.federation.results_dir)
     return 0
 
@@ -313,8 +324,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedlora`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from server.errors import RunFailed
+
     try:
         return int(args.func(args))
+    except RunFailed as exc:  # the clients' error, once, last; the log above has the rest
+        if args.debug:
+            raise
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         if args.debug:
             raise

@@ -1,22 +1,26 @@
-"""The strategies' settings reference, generated from the registry (``docs/strategy-settings.md``).
+"""The settings reference, generated from the settings classes (``docs/settings.md``).
 
-Every strategy's settings (keys, defaults, help) are written once, in its config class;
-this module renders them, and a test checks that the committed reference and the
-``[tool.flwr.app.config]`` table of ``pyproject.toml`` agree with it. Regenerate with
-``python -m simulations.settings_reference > docs/strategy-settings.md``.
+Every setting (its key, default and help) is written once, in the dataclass that reads
+it; this module renders them all, grouped as the run parses them, and a test checks that
+the committed reference and the ``[tool.flwr.app.config]`` table of ``pyproject.toml``
+agree with the code. Regenerate with
+``python -m simulations.settings_reference > docs/settings.md``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-HEADER = """# Strategy settings
+HEADER = """# Every setting
 
-Generated from the strategies' config classes by `python -m simulations.settings_reference`
-(a test fails when this file and the code disagree). Set them like any other setting
-(`--run-config "key=value"`, or `[tool.flwr.app.config]` for `flwr run`); a strategy
-reads only those of its config class, which may derive from another's (HetLoRA and
-FlexLoRA both read the rank plan's settings of `strategies.hetero.RankConfig`).
+Generated from the settings classes by `python -m simulations.settings_reference` (a test
+fails when this file and the code disagree). Set them with `fedlora simulate
+--run-config "key=value key=value"` (or its dedicated options), or in
+`[tool.flwr.app.config]` of `pyproject.toml` for `flwr run`; an unknown key is an error
+that lists the known ones, and a bad value stops the run before anything starts, naming
+the setting. A strategy reads only the settings of its config class, which may derive
+from another's (HetLoRA, FlexLoRA and FLoRA share the rank plan of
+`strategies.hetero.RankConfig`).
 """
 
 
@@ -42,16 +46,60 @@ def strategy_settings() -> dict[str, tuple[Any, str, type]]:
     return rows
 
 
-def markdown() -> str:
-    """The reference as markdown: one row per setting, with the config class declaring it.
+def groups() -> list[tuple[str, list[type]]]:
+    """The settings classes by section, in the order the run parses them."""
+    from privacy.secagg_config import SecureAggregationConfig
+    from strategies.robust import RobustConfig
+    from task.run_settings import FederationSettings
+    from task.settings import (
+        DataSettings,
+        GenerationSettings,
+        LoraSettings,
+        ModelSettings,
+        PrivacySettings,
+        TrainSettings,
+    )
 
-    A strategy that reuses a config class (the rank plan of HetLoRA's and FlexLoRA's
-    :class:`strategies.hetero.RankConfig`) adds no row and changes none.
+    return [
+        ("Federation", [FederationSettings]),
+        ("Model", [ModelSettings]),
+        ("Data", [DataSettings]),
+        ("LoRA", [LoraSettings]),
+        ("Local training", [TrainSettings]),
+        ("DP-SGD on the clients", [PrivacySettings]),
+        ("Generation (instruction task)", [GenerationSettings]),
+        ("Robust aggregation", [RobustConfig]),
+        ("Secure aggregation", [SecureAggregationConfig]),
+    ]
+
+
+def _row(key: str, default: Any, help_text: str, owner: type) -> str:
+    return (f"| `{key}` | {format_default(default)} | `{owner.__module__}.{owner.__name__}` "
+            f"| {help_text.replace('|', '/')} |")
+
+
+def markdown() -> str:
+    """The reference as markdown: a table per section, one row per setting.
+
+    A key read by two classes (``seed``) is listed once, under the first. A strategy
+    that reuses a config class adds no row.
     """
-    lines = [HEADER, "| setting | default | declared by | what it sets |", "|---|---|---|---|"]
+    from strategies.config import settings_help
+
+    lines = [HEADER]
+    seen: set[str] = set()
+    header = ["| setting | default | declared by | what it sets |", "|---|---|---|---|"]
+    for title, classes in groups():
+        lines += [f"## {title}", "", *header]
+        for cls in classes:
+            for key, (default, help_text) in settings_help(cls).items():
+                if key not in seen:
+                    seen.add(key)
+                    lines.append(_row(key, default, help_text, cls))
+        lines.append("")
+    lines += ["## Strategies", "", *header]
     for key, (default, help_text, owner) in sorted(strategy_settings().items()):
-        lines.append(f"| `{key}` | {format_default(default)} | "
-                     f"`{owner.__module__}.{owner.__name__}` | {help_text.replace('|', '/')} |")
+        lines.append(_row(key, default, help_text, owner))
     return "\n".join(lines) + "\n"
 
 

@@ -2,14 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from flwr.supercore import log
 
 from task.run_settings import RunSettings
+
+if TYPE_CHECKING:
+    from server.run import ReplyCallback, RoundCallback
+
+#: the notice Flower 1.42 logs on every ``run_simulation`` call
+RUN_SIMULATION_DEPRECATED = "The `run_simulation` function is deprecated"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _flower_notice_filtered(text: str) -> Iterator[None]:
+    """Drop Flower log lines containing ``text`` while the block runs (its logger only)."""
+    logger = logging.getLogger("flwr")
+    dropped = _DropMessage(text)
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
 
 
 def default_gpus_per_client(num_clients: int) -> float:
@@ -56,15 +88,22 @@ def simulate(
     num_clients: int,
     cpus_per_client: float = 1.0,
     gpus_per_client: float | None = None,
+    verbose: bool = False,
+    on_round: RoundCallback | None = None,
+    on_reply: ReplyCallback | None = None,
 ) -> list[dict[str, Any]]:
     """Run a simulation and return the per-round metrics records.
 
     ``run_config``: the settings as parsed by :func:`simulation_settings` (then they are
     not parsed again in this process), or a flat run config to parse. The settings are
     validated before anything starts; Ray is shut down at the end, also on error or Ctrl-C.
+    ``verbose``: Flower's DEBUG lines too. ``on_round`` gets each round's record,
+    ``on_reply`` each training reply as it arrives (for a progress display).
 
     Raises:
         ValueError: a bad setting (before Ray starts).
+        server.run.RunFailed: the run stopped, or ended, without training (the message
+            quotes the clients' error).
         RuntimeError: the run ended without writing its final metrics.
 
     """
@@ -86,26 +125,44 @@ def simulate(
     metrics_path.unlink(missing_ok=True)
     (results / "summary.json").unlink(missing_ok=True)  # this run writes its own
     gpus = default_gpus_per_client(num_clients) if gpus_per_client is None else gpus_per_client
+    for line in settings.describe(num_clients):
+        log(INFO, "%s", line)
     try:
-        run_simulation(
-            server_app=make_server_app(settings=settings),
-            client_app=make_client_app(overrides,
-                                       node_overrides=simulation_node_config(settings)),
-            num_supernodes=num_clients,
-            backend_config=backend_config(cpus_per_client, gpus),  # type: ignore[arg-type]
-        )
+        # Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run``, which
+        # starts the simulation runtime as separate processes from the app's
+        # pyproject.toml: it cannot take this process's parsed settings or node
+        # overrides, and a caller (tests, experiments, benchmarks) would lose the
+        # in-process run and its Ray shutdown. Until Flower offers an in-process
+        # replacement the call stays, and its deprecation notice (which the user cannot
+        # act on) is filtered here, and only here.
+        with _flower_notice_filtered(RUN_SIMULATION_DEPRECATED), warnings.catch_warnings():
+            # fedlora relies on Ray hiding the GPUs from actors that reserve none (a
+            # client with gpus-per-client 0 must train on the CPU), Ray's default today;
+            # Ray warns at every start that a future version will stop doing so
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray",
+                                    category=FutureWarning)
+            run_simulation(
+                server_app=make_server_app(settings=settings, on_reply=on_reply,
+                                           on_round=on_round),
+                client_app=make_client_app(overrides,
+                                           node_overrides=simulation_node_config(settings)),
+                num_supernodes=num_clients,
+                backend_config=backend_config(cpus_per_client, gpus),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     finally:
         _shutdown_ray()
+    summary_path = results / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("failure"):
+        from server.errors import RunFailed
+
+        raise RunFailed(summary["failure"])
     if not metrics_path.exists():
         raise RuntimeError(f"the simulation wrote no metrics to {metrics_path}; see the log above")
     records: list[dict[str, Any]] = json.loads(metrics_path.read_text())
     if not records or records[-1]["round"] != settings.federation.num_rounds:
         raise RuntimeError(f"the simulation stopped before its last round; see {metrics_path}")
-    summary_path = results / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if summary.get("no_update_accepted"):
-        raise RuntimeError(f"the run trained nothing: {summary['no_update_accepted']} "
-                           f"(see {summary_path} and the log above)")
     return records
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.config import check
+from strategies.config import check, setting
 
 MEAN, MEDIAN, TRIMMED_MEAN, NORM_CLIP = "mean", "median", "trimmed-mean", "norm-clip"
 AGGREGATORS = (MEAN, MEDIAN, TRIMMED_MEAN, NORM_CLIP)
@@ -71,13 +71,24 @@ class RobustConfig:
 
     """
 
-    aggregator: str = MEAN
-    trim_fraction: float = DEFAULT_TRIM_FRACTION
-    clip_norm: float = 0.0
-    update_norm_bound: float = DEFAULT_NORM_BOUND
-    update_max_abs: float = DEFAULT_MAX_ABS
-    update_min_cosine: float = DEFAULT_MIN_COSINE
-    update_cosine_ratio: float = DEFAULT_COSINE_RATIO
+    aggregator: str = setting(MEAN, "mean | median | trimmed-mean | norm-clip")
+    trim_fraction: float = setting(
+        DEFAULT_TRIM_FRACTION, "trimmed-mean: share of values dropped per side")
+    clip_norm: float = setting(
+        0.0, "norm-clip: the L2 norm each change is clipped to (0 = the round's median)")
+    update_norm_bound: float = setting(
+        DEFAULT_NORM_BOUND,
+        "reject an update whose change norm is above this many times the round's median "
+        "(0 = off)")
+    update_max_abs: float = setting(
+        DEFAULT_MAX_ABS, "reject an update holding a value larger in magnitude (0 = off)")
+    update_min_cosine: float = setting(
+        DEFAULT_MIN_COSINE,
+        "reject an update whose change has a cosine below this with the round's median "
+        "change (-1 = off)")
+    update_cosine_ratio: float = setting(
+        DEFAULT_COSINE_RATIO,
+        "also reject a cosine below this share of the round's median cosine (0 = off)")
 
     def __post_init__(self) -> None:
         checks = [

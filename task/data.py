@@ -7,8 +7,11 @@ the seed and serves the server's evaluation; clients partition the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from flwr.supercore import log
 
 from task.model import package_dir, quiet_libraries
 from task.settings import DataSettings
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
 
     from task.tasks.base import Task
 
-FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+                ".parquet": "parquet"}
 __all__ = ["LABEL_COLUMN", "TEXT_COLUMN", "TaskData", "load_partition", "load_task_data",
            "make_partitioner"]
 
@@ -71,8 +75,86 @@ def load_raw_dataset(name: str) -> Dataset:
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {path}")
+        if FILE_FORMATS[path.suffix] == "csv":
+            return read_delimited(path)
         return load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     return load_dataset(name, split="train")  # a hub dataset, for users with a network
+
+
+def read_delimited(path: Path) -> Dataset:
+    """A CSV or TSV file with every cell read as text: a label ``NA`` is a label.
+
+    pandas' defaults turn ``NA``, ``None``, ``null``, ``nan`` (and more) into missing
+    values and numbers into floats; a dataset's cells are its text, so only an empty cell
+    is missing here. The file is converted to an Arrow table on disk (datasets' cache)
+    in chunks, so a large file is never held in memory at once. A file that is not valid
+    UTF-8 is read with its invalid bytes replaced (U+FFFD), with a warning naming the
+    first one.
+    """
+    import csv
+
+    from datasets import Features, Value, load_dataset
+
+    sep = "\t" if path.suffix == ".tsv" else ","
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        header = next(csv.reader(fh, delimiter=sep), [])
+    if not header:
+        raise ValueError(f"{path} is empty: a CSV needs a header row naming its columns")
+    options = {"keep_default_na": False, "na_values": [""], "sep": sep,
+               "features": Features({name: Value("string") for name in header})}
+    bad = first_invalid_utf8(path)
+    if bad is not None:
+        log(WARNING, "%s is not valid UTF-8 (%s); reading it with invalid bytes replaced "
+            "by U+FFFD; convert it to UTF-8 to keep them", path, bad)
+        path = utf8_copy(path)
+    return load_dataset("csv", data_files=str(path), split="train", **options)
+
+
+def utf8_copy(path: Path, chunk: int = 1 << 24) -> Path:
+    """A UTF-8 copy of ``path`` with its invalid bytes replaced, made once per file version.
+
+    Kept in the temporary folder under a name derived from the path, size and
+    modification time; written in chunks (constant memory).
+    """
+    import codecs
+    import hashlib
+    import tempfile
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = Path(tempfile.gettempdir()) / f"fedlora-utf8-{key.hexdigest()[:16]}{path.suffix}"
+    if not target.exists():
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        partial = target.with_suffix(target.suffix + ".part")
+        with path.open("rb") as src, partial.open("w", encoding="utf-8", newline="") as dst:
+            while block := src.read(chunk):
+                dst.write(decoder.decode(block))
+            dst.write(decoder.decode(b"", final=True))
+        partial.replace(target)
+    return target
+
+
+def first_invalid_utf8(path: Path, chunk: int = 1 << 24) -> str | None:
+    """Where ``path`` first stops being UTF-8 (``"byte 0xe9 at offset 3"``), or None.
+
+    Read in chunks with an incremental decoder: constant memory for any file size.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                return f"byte 0x{block[exc.start]:02x} at offset {offset + exc.start}"
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return f"a truncated character at the end (offset {offset})"
+    return None
 
 
 @dataclass
@@ -82,6 +164,8 @@ class TaskData:
     train: Dataset
     test: Dataset
     label_names: list[str]
+    #: records the task left out as unusable (an empty text or label)
+    unusable: int = 0
 
     @property
     def num_labels(self) -> int:
@@ -95,15 +179,56 @@ def load_task_data(settings: DataSettings, task: Task | str) -> TaskData:
     ``task``: the task or its registered name. Splits of labelled data are stratified.
     """
     task = as_task(task)
-    ds = task.prepare(load_raw_dataset(settings.dataset), settings)
+    raw = load_raw_dataset(settings.dataset)
+    ds = task.prepare(raw, settings)
     if settings.partitioner == "natural":
         require_columns(ds, [settings.partition_by], "set partition-by")
     if len(ds) < 2:
         raise ValueError(f"the dataset has {len(ds)} usable record(s); it needs at least 2 "
                          "(a training pool and a held-out split)")
-    split = ds.train_test_split(test_size=settings.test_fraction, seed=settings.seed,
-                                stratify_by_column=LABEL_COLUMN if task.has_labels else None)
-    return TaskData(train=split["train"], test=split["test"], label_names=task.label_names(ds))
+    train, test = split_held_out(ds, settings, stratified=task.has_labels)
+    return TaskData(train=train, test=test, label_names=task.label_names(ds),
+                    unusable=len(raw) - len(ds))
+
+
+def split_held_out(ds: Dataset, settings: DataSettings, *,
+                   stratified: bool) -> tuple[Dataset, Dataset]:
+    """The training pool and the held-out split, fixed by the seed (stratified by label).
+
+    A class with a single record cannot be in both: its record goes to the training pool
+    (there is nothing to score it against), with a warning naming the class.
+    """
+    import math
+
+    import numpy as np
+    from datasets import concatenate_datasets
+    from datasets.arrow_dataset import stratified_shuffle_split_generate_indices
+
+    if not stratified:
+        split = ds.train_test_split(test_size=settings.test_fraction, seed=settings.seed)
+        return split["train"], split["test"]
+    labels = ds.with_format("arrow")[LABEL_COLUMN].to_numpy()  # no per-row Python objects
+    counts = np.bincount(labels)
+    single = np.flatnonzero(counts == 1)
+    alone = None
+    if len(single):
+        names = ds.features[LABEL_COLUMN].names
+        log(WARNING, "%d class(es) have a single record (%s): it goes to the training pool, "
+            "not the held-out split", len(single), ", ".join(sorted(names[c] for c in single)))
+        lonely = np.isin(labels, single)
+        alone = ds.select(np.flatnonzero(lonely))
+        ds, labels = ds.select(np.flatnonzero(~lonely)), labels[~lonely]
+    if len(ds) < 2:
+        raise ValueError("no class has 2 records or more: a held-out split stratified by "
+                         "label is impossible; add records or choose another label-column")
+    # datasets' own stratified split (the same indices as Dataset.train_test_split with
+    # this seed), fed the label array directly: train_test_split reads the column row by
+    # row, about 100 s per million records
+    n_test = math.ceil(settings.test_fraction * len(ds))
+    train_idx, test_idx = next(stratified_shuffle_split_generate_indices(
+        labels, len(ds) - n_test, n_test, rng=np.random.default_rng(settings.seed)))
+    train, test = ds.select(train_idx), ds.select(test_idx)
+    return (train if alone is None else concatenate_datasets([train, alone])), test
 
 
 def partitioner_name(settings: DataSettings, task: Task) -> str:

@@ -71,6 +71,7 @@ from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import privacy.opacus_import  # noqa: F401 - takes off the root log handler Opacus adds
 from privacy.accounting import DPSettings, PrivacyLedger, noise_for_target
 from task.settings import TrainSettings
 from task.tasks.registry import as_task

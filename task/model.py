@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -267,7 +268,13 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings, task: Task | str, *,
     config = lora_config(lora, task, model)
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PeftModel.__init__ (peft 0.18) reads transformers' deprecated
+            # `is_gradient_checkpointing` property, which warns on every model built, in
+            # every Ray actor: nothing a fedlora user can act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as exc:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ValueError(

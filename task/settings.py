@@ -16,6 +16,7 @@ from strategies.config import (
     check,
     from_run_config,
     run_config_key,
+    setting,
     settings_keys,
 )
 
@@ -40,11 +41,18 @@ class ModelSettings:
     about a third more compute).
     """
 
-    model: str = "minilm"
-    task: str = "classification"
-    precision: str = "auto"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
+    model: str = setting(
+        "minilm",
+        "minilm | smollm2 | tiny-bert | tiny-gpt2 | tiny-llama, a local model folder, a "
+        ".gguf file or a hub id")
+    task: str = setting("classification", "classification | causal-lm | instruction")
+    precision: str = setting(
+        "auto", "auto (bf16 autocast on CUDA that supports it, else fp32) | fp32 | bf16")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    gradient_checkpointing: bool = setting(
+        False,
+        "recompute activations in the backward pass: less memory, about a third more "
+        "compute")
 
     def __post_init__(self) -> None:
         from task.tasks.registry import get_task
@@ -74,26 +82,46 @@ class DataSettings:
     1/2 (canary i goes to client i mod num-partitions); 0 = none.
     """
 
-    dataset: str = "bbc-news"
-    text_column: str = "text"
-    label_column: str = "label"
-    partitioner: str = "auto"
-    dirichlet_alpha: float = 0.5
-    partition_by: str = ""
-    test_fraction: float = 0.2
-    local_test_fraction: float = 0.0
-    max_length: int = 128
-    audit_canaries: int = 0
-    seed: int = 0
-    instruction_format: str = "auto"
-    instruction_column: str = "instruction"
-    input_column: str = "input"
-    output_column: str = "output"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    messages_column: str = "messages"
-    system_prompt: str = ""
-    group_column: str = ""
+    dataset: str = setting(
+        "bbc-news",
+        "bbc-news | bbc-news-instruct | a csv/tsv/json/jsonl/parquet file | a folder of "
+        "<label>/*.txt | a hub name")
+    text_column: str = setting("text", "the column holding the text (classification)")
+    label_column: str = setting(
+        "label", "the column holding the class (classification); every cell is text: NA is a class")
+    partitioner: str = setting(
+        "auto",
+        "auto (Dirichlet over labels for classification, else iid) | iid | dirichlet | "
+        "natural")
+    dirichlet_alpha: float = setting(
+        0.5, "Dirichlet concentration of the label skew (smaller: more non-IID)")
+    partition_by: str = setting(
+        "", "natural partitioner: the column whose values are the clients (a speaker, a site)")
+    test_fraction: float = setting(
+        0.2, "held-out share for the server's evaluation (stratified by label)")
+    local_test_fraction: float = setting(
+        0.0,
+        "share of each client's partition kept to score its own adapter in federated "
+        "evaluation")
+    max_length: int = setting(
+        128,
+        "tokens per example (truncated; instruction data: the prompt is cut, the response "
+        "kept)")
+    audit_canaries: int = setting(
+        0,
+        "privacy audit: this many random canaries, each put into training with "
+        "probability 1/2 (0 = none)")
+    seed: int = setting(0, "the run seed (set with seed)")
+    instruction_format: str = setting(
+        "auto", "instruction data: auto | messages | alpaca | prompt-response")
+    instruction_column: str = setting("instruction", "alpaca format: the instruction column")
+    input_column: str = setting("input", "alpaca format: the optional input column")
+    output_column: str = setting("output", "alpaca format: the output column")
+    prompt_column: str = setting("prompt", "prompt-response format: the prompt column")
+    response_column: str = setting("response", "prompt-response format: the response column")
+    messages_column: str = setting("messages", "messages format: the column of chat turns")
+    system_prompt: str = setting("", "a system turn for instruction records without one")
+    group_column: str = setting("", "a column whose values also get their own generation metrics")
 
     def __post_init__(self) -> None:
         check(self.instruction_format in INSTRUCTION_FORMATS,
@@ -124,10 +152,13 @@ class LoraSettings:
     (:func:`task.model.default_target_modules`).
     """
 
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: str = "auto"
+    lora_rank: int = setting(8, "LoRA rank (the global rank under heterogeneous ranks)")
+    lora_alpha: float = setting(16.0, "LoRA alpha; the scale is alpha / rank")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path")
+    target_modules: str = setting(
+        "auto",
+        "comma-separated module names, or auto: the attention's query and value "
+        "projections")
 
     def __post_init__(self) -> None:
         check(self.lora_rank >= 1, f"lora-rank must be at least 1, got {self.lora_rank}")
@@ -154,13 +185,17 @@ class LoraSettings:
 class TrainSettings:
     """Local training on a client: AdamW, steps or epochs, batch, accumulation."""
 
-    learning_rate: float = 2e-3
-    local_steps: int = 20
-    local_epochs: int = 0
-    batch_size: int = 16
-    grad_accumulation: int = 1
-    weight_decay: float = 0.0
-    seed: int = 0
+    learning_rate: float = setting(2e-3, "client AdamW learning rate")
+    local_steps: int = setting(
+        20,
+        "optimizer steps per client per round (set exactly one of local-steps and "
+        "local-epochs above 0)")
+    local_epochs: int = setting(
+        0, "passes over the client's partition per round (0: use local-steps)")
+    batch_size: int = setting(16, "client batch size")
+    grad_accumulation: int = setting(1, "micro-batches per optimizer step")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    seed: int = setting(0, "the run seed (set with seed)")
 
     def __post_init__(self) -> None:
         check(self.learning_rate > 0, f"learning-rate must be positive, got {self.learning_rate}")
@@ -193,14 +228,22 @@ class PrivacySettings:
     (see :mod:`client.policy`), and the results folder flags the run.
     """
 
-    dp: bool = False
-    dp_noise_multiplier: float = 1.0
-    dp_target_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_accountant: str = "rdp"
-    dp_epsilon_budget: float = 0.0
-    dp_reproducible: bool = False
+    dp: bool = setting(False, "example-level DP-SGD on clients (Opacus)")
+    dp_noise_multiplier: float = setting(
+        1.0, "DP-SGD noise multiplier (when dp-target-epsilon is 0)")
+    dp_target_epsilon: float = setting(
+        0.0,
+        "DP-SGD: the noise is calibrated to reach this epsilon over the run (0: use "
+        "dp-noise-multiplier)")
+    dp_delta: float = setting(1e-5, "DP-SGD delta")
+    dp_max_grad_norm: float = setting(1.0, "DP-SGD per-example clipping norm")
+    dp_accountant: str = setting("rdp", "Opacus accountant: rdp | prv")
+    dp_epsilon_budget: float = setting(
+        0.0, "a client refuses rounds past this cumulative epsilon (0 = no budget)")
+    dp_reproducible: bool = setting(
+        False,
+        "seed DP noise and sampling from the run seed: reproducible, NOT private against "
+        "the server")
 
     @property
     def private_against_server(self) -> bool:
@@ -236,9 +279,11 @@ class GenerationSettings:
     round writes to ``<results-dir>/samples/``.
     """
 
-    eval_generate: bool = True
-    max_new_tokens: int = 32
-    eval_samples: int = 8
+    eval_generate: bool = setting(
+        True, "instruction task: score greedy answers (exact match, ROUGE-L)")
+    max_new_tokens: int = setting(32, "the longest generated answer")
+    eval_samples: int = setting(
+        8, "(prompt, reference, generated) samples written per evaluated round")
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1,

@@ -70,3 +70,18 @@ def test_an_unexpected_error_shows_its_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run_simulate", crashed)
     with pytest.raises(KeyError):  # anything else is never hidden behind one line
         cli.main(["simulate"])
+
+
+def test_a_failed_run_ends_with_its_error_once_and_a_nonzero_exit(monkeypatch, capsys):
+    import simulations.cli as cli
+    from server.errors import RunFailed
+
+    def failed(args):
+        raise RunFailed("the run stopped after round 1: every client (4) failed with the "
+                        "same error: KeyError: 'topic'")
+
+    monkeypatch.setattr(cli, "_run_simulate", failed)
+    assert cli.main(["simulate"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("KeyError: 'topic'") == 1 and err.startswith("fedlora: error: the run")
+    assert "Traceback" not in err

@@ -230,9 +230,9 @@ def node_partition_of(args: Any) -> tuple[int, int]:
 
 
 def readme_certs_command() -> list[str]:
-    """The ``fedlora certs`` command of README's Docker Compose walk-through."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### With Docker Compose"):]
+    """The ``fedlora certs`` command of the deployment guide's Docker Compose walk-through."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    section = text[text.index("## With Docker Compose"):]
     block = section[section.index("```bash"):]
     block = block[:block.index("```", 3)]
     line = next(ln for ln in block.splitlines() if ln.startswith("fedlora certs "))
@@ -496,7 +496,7 @@ def test_mounted_files_are_what_fedlora_certs_writes(compose: Compose) -> None:
                                             num_nodes=len(compose.supernodes()))
     mounted = {p for name in compose.services for p in compose.secret_files(name).values()}
     assert mounted == set(material.files) - {material.ca_key, *material.node_public_keys}
-    # README's command writes this material, for the name the SuperNodes dial
+    # the deployment guide's command writes this material, for the name the SuperNodes dial
     argv = readme_certs_command()
     assert ROOT / option(argv, "--out") == material.folder
     assert int(option(argv, "--nodes")) == material.num_nodes

@@ -86,3 +86,29 @@ def test_a_run_that_accepted_no_update_is_named_with_its_first_failure():
     assert no_update_accepted({}, 1) is None
     aborted = {1: stats(0, details={"secure_aggregation": {"aborted": "2 masked input(s)"}})}
     assert "secure aggregation aborted: 2 masked input(s)" in no_update_accepted(aborted, 1)
+
+
+def test_the_run_stops_after_max_failed_rounds_in_a_row():
+    from server.run import FederatedRun
+
+    def stats(accepted, failures=()):
+        return SimpleNamespace(accepted=accepted, sampled=2, failed=len(failures),
+                               rejected=0, failures=list(failures), rejections=[],
+                               details={})
+
+    def run(history, limit=3):
+        return SimpleNamespace(strategy=SimpleNamespace(history=history), settings=
+                               SimpleNamespace(federation=SimpleNamespace(max_failed_rounds=limit)))
+
+    mixed = [(1, "timeout"), (2, "KeyError")]
+    history = {1: stats(0, mixed), 2: stats(0, mixed), 3: stats(1), 4: stats(0, mixed)}
+    assert FederatedRun.reason_to_stop(run(history), 2) is None  # 2 empty rounds of 3
+    assert FederatedRun.reason_to_stop(run(history), 4) is None  # round 3 trained
+    history.update({5: stats(0, mixed), 6: stats(0, mixed)})
+    reason = FederatedRun.reason_to_stop(run(history), 6)
+    assert reason.startswith("the run stopped after round 6: 3 round(s) in a row")
+    assert "first: node 1: timeout" in reason
+    assert FederatedRun.reason_to_stop(run(history, limit=0), 6) is None  # 0 = never
+    same = {1: stats(0, [(1, "KeyError: 'topic'"), (2, "KeyError: 'topic'")])}
+    assert "every client (2) failed with the same error: KeyError: 'topic'" in \
+        FederatedRun.reason_to_stop(run(same), 1)

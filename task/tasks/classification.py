@@ -65,22 +65,26 @@ class Classification(Task):
         return [settings.text_column, settings.label_column]
 
     def prepare(self, ds: Dataset, settings: DataSettings) -> Dataset:
-        """Rename the columns to ``text``/``label``, drop records without a label, encode labels.
+        """Rename the columns to ``text``/``label``, leave out unusable records, encode labels.
 
-        Records whose label is missing (None/NaN) are left out, with a warning that counts
-        them; a missing text is an error naming the record.
+        Texts and labels are text: numbers become their digits, and a label ``NA`` is
+        the class ``NA`` (files are read as text, :func:`task.data.read_delimited`).
+        Records with an empty or missing text or label are left out, with a warning that
+        counts each kind; when none is left the error names the column.
         """
+        from datasets import Value
+
         require_columns(ds, self.required_columns(settings),
                         "set text-column and label-column")
         ds = rename_columns(ds, {settings.text_column: TEXT_COLUMN,
                                  settings.label_column: LABEL_COLUMN})
-        texts = ds[TEXT_COLUMN]
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"record {index}: column '{settings.text_column}' is "
-                                 f"{text!r}, not text; fix or remove the record")
+        if ds.features[TEXT_COLUMN] != Value("string"):
+            ds = ds.cast_column(TEXT_COLUMN, Value("string"))
+        ds = drop_empty(ds, TEXT_COLUMN, settings.text_column, "text")
         if type(ds.features[LABEL_COLUMN]).__name__ != "ClassLabel":
-            ds = _drop_missing_labels(ds, settings.label_column)
+            if ds.features[LABEL_COLUMN] != Value("string"):
+                ds = ds.cast_column(LABEL_COLUMN, Value("string"))
+            ds = drop_empty(ds, LABEL_COLUMN, settings.label_column, "label")
             ds = ds.class_encode_column(LABEL_COLUMN)
         return ds
 
@@ -133,25 +137,35 @@ class Classification(Task):
 _autocast = autocast
 
 
-def _drop_missing_labels(ds: Dataset, column: str) -> Dataset:
-    """Leave out records whose label is None or NaN, saying how many."""
-    import math
+def drop_empty(ds: Dataset, column: str, name: str, what: str) -> Dataset:
+    """Leave out records whose ``column`` is missing or blank, saying how many.
+
+    Filtered in batches on the Arrow table (a large file is not loaded into memory).
+
+    Raises:
+        ValueError: no record has a ``what`` in column ``name``.
+
+    """
     from logging import WARNING
 
+    import pyarrow.compute as pc
     from flwr.supercore import log
 
-    labels = ds[LABEL_COLUMN]
-    keep = [i for i, y in enumerate(labels)
-            if y is not None and not (isinstance(y, float) and math.isnan(y))
-            and not (isinstance(y, str) and not y.strip())]
-    if len(keep) < len(labels):
-        if not keep:
-            raise ValueError(f"every record's label column '{column}' is empty; "
-                             "set label-column to the column that holds the classes")
-        log(WARNING, "%d of %d records have no label in column '%s' and are left out",
-            len(labels) - len(keep), len(labels), column)
-        ds = ds.select(keep)
-    return ds
+    def has_value(batch: Any) -> Any:  # a pyarrow table: compared in Arrow, not in Python
+        values = batch.column(column)
+        return pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0),
+                            False)
+
+    before = len(ds)
+    kept = ds.with_format("arrow").filter(has_value, batched=True,
+                                          batch_size=100_000).with_format(None)
+    if len(kept) == 0 and before > 0:
+        raise ValueError(f"no record has a {what} in column '{name}' (all {before} are empty); "
+                         f"set {what}-column to the column that holds the {what}s")
+    if len(kept) < before:
+        log(WARNING, "%d of %d records have no %s in column '%s' and are left out",
+            before - len(kept), before, what, name)
+    return kept
 
 
 register(Classification())

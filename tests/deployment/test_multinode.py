@@ -396,7 +396,7 @@ def test_every_train_message_gets_a_fresh_clientapp_process(outcome: Outcome) ->
     """Flower 1.42 runs one ``flwr-clientapp`` process per message, so nothing is cached.
 
     ``setup-seconds`` is therefore paid in every round, not only the first; the figures
-    are printed (run with ``-s``) for the README.
+    are printed (run with ``-s``) for the docs.
     """
     survivors = [p for p in range(NUM_NODES) if p != VICTIM]
     for partition in survivors:

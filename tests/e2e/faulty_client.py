@@ -8,7 +8,8 @@ for every partition not in ``faults``. A partition in ``faults`` does not train:
 - ``wrong-shape``: the classification head with one extra column;
 - ``huge-count``: an honest-looking adapter claiming 1e12 examples;
 - ``oversize``: a B factor whose payload carries 4 MiB after its valid ``.npy`` bytes;
-- ``fail``: no update at all, an error reply (the reference a faulty run is compared to).
+- ``fail``: no update at all, an error reply (the reference a faulty run is compared to);
+- ``crash``: an error reply with the same reason on every node and round (a broken setup).
 
 The handlers are closures, so Ray ships them by value; the helpers they call live in
 :mod:`client.app`, which every worker can import.
@@ -24,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-FAULTS = ("nan", "wrong-shape", "huge-count", "oversize", "fail")
+FAULTS = ("nan", "wrong-shape", "huge-count", "oversize", "fail", "crash")
 FAULT_ERROR_CODE = 4999
 
 
@@ -49,6 +50,9 @@ def make_faulty_client_app(
         if server_round > len(planned):
             return train(message, context, overrides)
         fault = planned[server_round - 1]
+        if fault == "crash":
+            return Message(Error(code=FAULT_ERROR_CODE, reason="KeyError: 'topic' (injected "
+                                 "crash)"), reply_to=message)
         if fault == "fail":
             return Message(Error(code=FAULT_ERROR_CODE, reason=f"injected failure (partition "
                                  f"{partition_id}, round {server_round})"), reply_to=message)

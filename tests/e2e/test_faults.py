@@ -107,3 +107,22 @@ def test_faulty_clients_are_rejected_and_the_result_is_the_honest_one(
     first = _adapter(tmp_path / "absent" / "checkpoints/round-001")
     final = _adapter(tmp_path / "absent" / "final_adapter")
     assert any(not np.array_equal(first[k], final[k]) for k in final)  # round 2 moved it
+
+
+def test_every_client_failing_the_same_way_stops_the_run_at_once(tmp_path, tiny_bert_dir,
+                                                                 toy_csv):
+    """A broken setup fails every client identically: stop after that round, say why, once."""
+    from server.errors import RunFailed
+
+    results = tmp_path / "crash"
+    config = tiny_run_config(tiny_bert_dir, toy_csv, **{
+        "num-rounds": 3, "results-dir": str(results), "local-steps": 2})
+    crash = {p: ("crash",) * 3 for p in range(NUM_CLIENTS)}
+    with pytest.raises(RunFailed, match="every client \\(4\\) failed with the same error: "
+                       "KeyError: 'topic'"):
+        _simulate(config, crash)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["stopped"].startswith("the run stopped after round 1")
+    assert summary["failure"] == summary["stopped"]
+    records = json.loads((results / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1]  # rounds 2 and 3 never ran

@@ -167,7 +167,7 @@ def test_an_interrupted_instruction_run_resumes_and_finishes(tmp_path, alpaca_js
 
 
 def test_causal_lm_on_plain_texts_with_the_default_partitioner(tmp_path):
-    """The README's ``--task causal-lm --dataset ./notes.jsonl``: only a ``text`` column.
+    """The user guide's ``--task causal-lm --dataset ./notes.jsonl``: only a ``text`` column.
 
     The default partitioner used to be Dirichlet over labels for every task, so every
     client failed on data without a label column; ``auto`` is IID for causal LM.

@@ -21,7 +21,7 @@ def test_hundred_clients_with_ten_percent_sampled(tmp_path, tiny_bert_dir):
     results = tmp_path / "run"
     # the direction screen off: two local steps of a tiny random model on toy data are too
     # weakly aligned for it (over runs it rejected an honest update at 0.49 x the round's
-    # median cosine, and one at cosine -0.19; README, "Malicious updates"), and which 10
+    # median cosine, and one at cosine -0.19; docs/privacy.md, "Malicious updates"), and which 10
     # of the 100 partitions a round samples changes from run to run (random node ids).
     # This test is about scale.
     config = tiny_run_config(tiny_bert_dir, data, **{

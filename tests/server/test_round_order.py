@@ -65,7 +65,8 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FederatedRun:
                                            "m.lora_B.weight": np.zeros((4, 2), np.float32)},
                                           alpha=16.0)
     run.runtime = SimpleNamespace(initial_adapter=adapter, set_adapter=lambda a: None,
-                                  model=None, base_weights=dict)
+                                  model=None, base_weights=dict,
+                                  data=SimpleNamespace(unusable=0))
     run.runner = FakeRunner(events)
     run.transport = PLAIN
     run.strategy = SimpleNamespace(history={}, initial_global=lambda adapter, weights: adapter)

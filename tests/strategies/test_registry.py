@@ -20,11 +20,19 @@ def _declared() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_the_committed_reference_is_generated_from_the_registry():
-    committed = (ROOT / "docs" / "strategy-settings.md").read_text()
+def test_the_committed_reference_is_generated_from_the_code():
+    committed = (ROOT / "docs" / "settings.md").read_text()
     assert committed == markdown(), (
-        "docs/strategy-settings.md is stale: run "
-        "`python -m simulations.settings_reference > docs/strategy-settings.md`")
+        "docs/settings.md is stale: run "
+        "`python -m simulations.settings_reference > docs/settings.md`")
+
+
+def test_the_reference_covers_every_setting_with_its_help():
+    text = markdown()
+    for key in RunSettings.keys():
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{key}` |")]
+        assert len(rows) == 1, f"{key} is listed {len(rows)} times in the settings reference"
+        assert not rows[0].rstrip().endswith("|  |"), f"{key} has no help text"
 
 
 def test_pyproject_declares_every_strategy_setting_with_the_registrys_default():
@@ -33,6 +41,18 @@ def test_pyproject_declares_every_strategy_setting_with_the_registrys_default():
         assert key in declared, f"{key} ({owner}) is missing from [tool.flwr.app.config]"
         assert declared[key] == default, f"{key}: pyproject says {declared[key]!r}, the " \
             f"config class {default!r}"
+
+
+def test_pyproject_declares_every_setting_with_the_codes_default():
+    from simulations.settings_reference import groups
+    from strategies.config import settings_help
+
+    declared = _declared()
+    for _, classes in groups():
+        for cls in classes:
+            for key, (default, _) in settings_help(cls).items():
+                assert declared.get(key) == default, \
+                    f"{key}: pyproject says {declared.get(key)!r}, {cls.__name__} {default!r}"
 
 
 def test_pyproject_declares_only_settings_the_code_reads():
