@@ -66,6 +66,9 @@ def _add_simulate(sub: Any) -> None:
                    help='any other setting: "key=value key=value" (keys of [tool.flwr.app.config])')
     p.add_argument("--cpus-per-client", type=float, default=1.0,
                    help="CPU cores reserved per client (sets how many run at once)")
+    p.add_argument("--ray-address", default="",
+                   help="join a running Ray cluster (auto, or the head's host:port) "
+                   "instead of starting Ray on this machine")
     p.add_argument("--gpus-per-client", type=float, default=None,
                    help="GPU share per client (default: shared evenly when CUDA is present)")
     p.set_defaults(func=_run_simulate)
@@ -232,6 +235,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         records = simulate(settings, num_clients=simulate_num_clients(args),
                            cpus_per_client=args.cpus_per_client,
                            gpus_per_client=args.gpus_per_client, verbose=args.verbose,
+                           ray_address=args.ray_address,
                            on_round=progress.on_round, on_reply=progress.on_reply)
     _print_summary(records, settings.federation.results_dir)
     return 0

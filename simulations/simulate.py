@@ -53,11 +53,22 @@ def default_gpus_per_client(num_clients: int) -> float:
     return min(1.0, torch.cuda.device_count() / max(1, min(num_clients, os.cpu_count() or 1)))
 
 
-def backend_config(cpus_per_client: float, gpus_per_client: float) -> dict[str, Any]:
-    """Ray backend settings: resources per client and for the whole simulation."""
+def backend_config(cpus_per_client: float, gpus_per_client: float,
+                   ray_address: str = "") -> dict[str, Any]:
+    """Ray backend settings: resources per client, and the cluster.
+
+    Without ``ray_address`` Ray starts in this process with this machine's cores. With
+    it (``auto``, or the head's ``host:port``) the simulation joins a running Ray cluster
+    (``ray start --head`` on one machine, ``ray start --address=<head>`` on the others):
+    each client is an actor placed wherever the cluster has its resources free, so the
+    clients spread over the machines. fedlora and its model and data must be installed
+    the same way on every node (the driver passes its ``PYTHONPATH`` along, Flower does).
+    """
+    init_args: dict[str, Any] = ({"address": ray_address} if ray_address else
+                                 {"num_cpus": os.cpu_count() or 1, "include_dashboard": False})
     return {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+        "init_args": init_args,
     }
 
 
@@ -91,6 +102,7 @@ def simulate(
     verbose: bool = False,
     on_round: RoundCallback | None = None,
     on_reply: ReplyCallback | None = None,
+    ray_address: str = "",
 ) -> list[dict[str, Any]]:
     """Run a simulation and return the per-round metrics records.
 
@@ -99,6 +111,8 @@ def simulate(
     validated before anything starts; Ray is shut down at the end, also on error or Ctrl-C.
     ``verbose``: Flower's DEBUG lines too. ``on_round`` gets each round's record,
     ``on_reply`` each training reply as it arrives (for a progress display).
+    ``ray_address``: join this running Ray cluster instead of starting Ray here (see
+    :func:`backend_config`); at the end this process disconnects, the cluster runs on.
 
     Raises:
         ValueError: a bad setting (before Ray starts).
@@ -147,7 +161,8 @@ def simulate(
                 client_app=make_client_app(overrides,
                                            node_overrides=simulation_node_config(settings)),
                 num_supernodes=num_clients,
-                backend_config=backend_config(cpus_per_client, gpus),  # type: ignore[arg-type]
+                backend_config=backend_config(  # type: ignore[arg-type]
+                    cpus_per_client, gpus, ray_address),
                 verbose_logging=verbose,
             )
     finally:
