@@ -74,7 +74,13 @@ from typing import Any
 import torch
 
 from simulations.presets import SMOLLM2_BBC
-from task.model import TINY_MODELS, load_base_model, load_tokenizer, resolve_model_source
+from task.model import (
+    TINY_MODELS,
+    enable_checkpointing,
+    load_base_model,
+    load_tokenizer,
+    resolve_model_source,
+)
 from task.runtime import TaskRuntime
 from task.settings import ModelSettings, TaskSettings
 from task.training import Encoded, sample_batches, train_local
@@ -149,8 +155,7 @@ class PlainLoop:
             pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         base = AutoModelForCausalLM.from_pretrained(folder)
         if settings.model.gradient_checkpointing:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(base)
         lora = settings.lora
         config = LoraConfig(r=lora.lora_rank, lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]
                             lora_dropout=lora.lora_dropout, target_modules=TARGET_MODULES,

@@ -259,6 +259,19 @@ def lora_config(lora: LoraSettings, task: Task | str, model: torch.nn.Module, *,
     )
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (non-reentrant: works with frozen inputs).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` (now a deprecated alias that
+    warns) to ``activation_checkpointing_enable``; the new name when it is there.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def attach_lora(model: torch.nn.Module, lora: LoraSettings, task: Task | str, *,
                 seed: int) -> PeftModel:
     """Wrap ``model`` with a fresh LoRA adapter (a classification head stays trainable)."""

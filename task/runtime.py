@@ -24,6 +24,7 @@ from task.data import TEXT_COLUMN, TaskData, load_partition, load_task_data, mak
 from task.model import (
     attach_lora,
     autocast_dtype,
+    enable_checkpointing,
     load_base_model,
     load_tokenizer,
     lora_config,
@@ -70,8 +71,7 @@ class TaskRuntime:
         seed = settings.train.seed
         base = load_base_model(settings.model, task, num_labels=data.num_labels, seed=seed)
         if settings.model.gradient_checkpointing:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(base)
         model = attach_lora(base, settings.lora, task, seed=seed)
         device = select_device(settings.model.device)
         model.to(device)

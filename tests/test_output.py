@@ -28,3 +28,15 @@ def test_building_an_adapter_raises_no_deprecation_warning(tiny_bert_dir):
         warnings.simplefilter("always")
         attach_lora(model, LoraSettings(lora_rank=2), "classification", seed=0)
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_activation_checkpointing_is_enabled_without_the_deprecated_alias(tiny_bert_dir):
+    from task.model import enable_checkpointing, load_base_model
+    from task.settings import ModelSettings
+
+    model = load_base_model(ModelSettings(model=str(tiny_bert_dir)), num_labels=3, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enable_checkpointing(model)
+    assert model.is_activation_checkpointing
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
