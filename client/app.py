@@ -10,6 +10,7 @@ everything each round (the ``setup-seconds`` train metric shows the cost).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ from strategies.parts import ADAPTER_PARTS, select_parts
 from strategies.sparse import is_base_key
 from task.run_settings import RunSettings
 from task.settings import TaskSettings
+from task.tasks.base import DATA_LOG, DATA_WARNINGS_KEY
 
 if TYPE_CHECKING:
     from task.runtime import TaskRuntime
@@ -63,6 +65,17 @@ def run_settings(context: Context, overrides: Mapping[str, Any] | None = None) -
                 _SETTINGS.clear()
             _SETTINGS[key] = RunSettings.from_run_config(config)
         return _SETTINGS[key]
+
+
+def quiet_data_warnings(context: Context) -> None:
+    """Silence the data's warnings on a node whose config says so (a simulated node).
+
+    In a simulation the server loads the same data first and says what it left out;
+    without this, every client actor said it again.
+    """
+    value = context.node_config.get(DATA_WARNINGS_KEY, True)
+    if str(value).strip().lower() in ("false", "0", "no", "off"):
+        DATA_LOG.setLevel(logging.ERROR)
 
 
 def round_seed(settings: TaskSettings, server_round: int, partition_id: int) -> int:
@@ -143,6 +156,7 @@ def train(
 
     run = run_settings(context, overrides)
     settings = run.task
+    quiet_data_warnings(context)
     partition_id, num_partitions = node_partition(context.node_config)
     policy = NodePolicy.from_node_config(context.node_config)
     num_rounds = run.federation.num_rounds
@@ -229,6 +243,7 @@ def evaluate(
     from task.training import auto_eval_batch_size, evaluate_task
 
     settings = run_settings(context, overrides).task
+    quiet_data_warnings(context)
     partition_id, num_partitions = node_partition(context.node_config)
     runtime = cached_runtime(settings)
     try:

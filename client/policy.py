@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from client.ranks import BUDGET_KEY, lower_rank
 from strategies.instructions import ClientInstructions
+from task.tasks.base import DATA_WARNINGS_KEY
 
 if TYPE_CHECKING:
     from privacy.accounting import DPSettings
@@ -77,7 +78,8 @@ LEDGER_MODES = ("file", "run")
 #: reproducible noise may be asked for, and there is no node cap (any epsilon can be
 #: studied); the run's own ``dp-epsilon-budget`` still applies.
 SIMULATION_NODE_CONFIG: dict[str, str | bool | float] = {
-    "dp-ledger": "run", "dp-allow-reproducible": True, "dp-max-epsilon": math.inf}
+    "dp-ledger": "run", "dp-allow-reproducible": True, "dp-max-epsilon": math.inf,
+    DATA_WARNINGS_KEY: False}
 
 #: every ``dp-`` key this module reads (a misspelt one is an error, not a silent no-op)
 DP_KEYS = frozenset({

@@ -7,15 +7,12 @@ the seed and serves the server's evaluation; clients partition the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from logging import WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.supercore import log
-
 from task.model import package_dir, quiet_libraries
 from task.settings import DataSettings
-from task.tasks.base import require_columns
+from task.tasks.base import DATA_LOG, require_columns
 from task.tasks.classification import LABEL_COLUMN, TEXT_COLUMN
 from task.tasks.registry import as_task
 
@@ -104,7 +101,7 @@ def read_delimited(path: Path) -> Dataset:
                "features": Features({name: Value("string") for name in header})}
     bad = first_invalid_utf8(path)
     if bad is not None:
-        log(WARNING, "%s is not valid UTF-8 (%s); reading it with invalid bytes replaced "
+        DATA_LOG.warning("%s is not valid UTF-8 (%s); reading it with invalid bytes replaced "
             "by U+FFFD; convert it to UTF-8 to keep them", path, bad)
         path = utf8_copy(path)
     return load_dataset("csv", data_files=str(path), split="train", **options)
@@ -213,7 +210,7 @@ def split_held_out(ds: Dataset, settings: DataSettings, *,
     alone = None
     if len(single):
         names = ds.features[LABEL_COLUMN].names
-        log(WARNING, "%d class(es) have a single record (%s): it goes to the training pool, "
+        DATA_LOG.warning("%d class(es) have a single record (%s): it goes to the training pool, "
             "not the held-out split", len(single), ", ".join(sorted(names[c] for c in single)))
         lonely = np.isin(labels, single)
         alone = ds.select(np.flatnonzero(lonely))

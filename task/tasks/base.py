@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from task.encoded import Encoded
+
+#: what loading data reports (records left out, replaced bytes): Flower's logger, so it
+#: prints like every other line; a simulated node silences it (the server loaded the same
+#: data and said it once), see :data:`DATA_WARNINGS_KEY`
+DATA_LOG = logging.getLogger("flwr.data")
+#: node-config key: false on a simulated node, so the data's warnings print once
+DATA_WARNINGS_KEY = "data-warnings"
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from task.encoded import Encoded
-from task.tasks.base import Evaluation, Task, autocast, eval_batches, require_columns
+from task.tasks.base import (
+    DATA_LOG,
+    Evaluation,
+    Task,
+    autocast,
+    eval_batches,
+    require_columns,
+)
 from task.tasks.registry import register
 
 if TYPE_CHECKING:
@@ -146,10 +153,7 @@ def drop_empty(ds: Dataset, column: str, name: str, what: str) -> Dataset:
         ValueError: no record has a ``what`` in column ``name``.
 
     """
-    from logging import WARNING
-
     import pyarrow.compute as pc
-    from flwr.supercore import log
 
     def has_value(batch: Any) -> Any:  # a pyarrow table: compared in Arrow, not in Python
         values = batch.column(column)
@@ -163,7 +167,7 @@ def drop_empty(ds: Dataset, column: str, name: str, what: str) -> Dataset:
         raise ValueError(f"no record has a {what} in column '{name}' (all {before} are empty); "
                          f"set {what}-column to the column that holds the {what}s")
     if len(kept) < before:
-        log(WARNING, "%d of %d records have no %s in column '%s' and are left out",
+        DATA_LOG.warning("%d of %d records have no %s in column '%s' and are left out",
             before - len(kept), before, what, name)
     return kept
 

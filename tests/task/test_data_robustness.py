@@ -17,6 +17,33 @@ from task.tasks.registry import as_task
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
 
+@pytest.fixture(autouse=True)
+def data_warnings_on():
+    """A test that ran a simulated node's handler in this process may have silenced them."""
+    from task.tasks.base import DATA_LOG
+
+    level = DATA_LOG.level
+    DATA_LOG.setLevel(logging.NOTSET)
+    yield
+    DATA_LOG.setLevel(level)
+
+
+def test_a_simulated_node_leaves_the_data_warnings_to_the_server():
+    from flwr.app import Context, RecordDict
+
+    from client.app import quiet_data_warnings
+    from client.policy import SIMULATION_NODE_CONFIG
+    from task.tasks.base import DATA_LOG
+
+    deployed = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    quiet_data_warnings(deployed)
+    assert DATA_LOG.getEffectiveLevel() <= logging.WARNING  # a deployed node says them
+    simulated = Context(run_id=1, node_id=1, node_config=dict(SIMULATION_NODE_CONFIG),
+                        state=RecordDict(), run_config={})
+    quiet_data_warnings(simulated)
+    assert DATA_LOG.getEffectiveLevel() == logging.ERROR
+
+
 def write_csv(path: Path, rows, header=("speech", "party")) -> Path:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
