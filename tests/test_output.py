@@ -40,3 +40,29 @@ def test_activation_checkpointing_is_enabled_without_the_deprecated_alias(tiny_b
         enable_checkpointing(model)
     assert model.is_activation_checkpointing
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_the_live_display_follows_replies_and_rounds_on_a_terminal_only():
+    import io
+
+    from rich.console import Console
+
+    from simulations.progress import RunProgress
+
+    screen = io.StringIO()
+    with RunProgress(3, console=Console(file=screen, force_terminal=True, width=120)) as live:
+        live.on_reply(1, 0, 4)
+        live.on_reply(1, 3, 4)
+        assert live.progress is not None
+        task = live.progress.tasks[0]
+        assert task.completed == 0.75 and task.fields["clients"] == "clients 3/4"
+        live.on_round({"round": 1, "eval_accuracy": 0.8125})
+        assert task.completed == 1 and task.fields["score"] == "accuracy 0.8125"
+        assert task.description == "round 1/3"
+    assert "round 1/3" in screen.getvalue()
+    plain = io.StringIO()
+    with RunProgress(3, console=Console(file=plain, force_terminal=False)) as quiet:
+        quiet.on_reply(1, 1, 4)
+        quiet.on_round({"round": 1, "eval_accuracy": 0.5})
+        assert quiet.progress is None  # CI and files: the round log lines are the progress
+    assert plain.getvalue() == ""
