@@ -33,6 +33,7 @@ from privacy.transports import client_mods
 from strategies import get_strategy_class
 from strategies.adapter import LoraAdapter
 from strategies.codec import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
+from strategies.errors import BUDGET_REFUSAL_CODE
 from strategies.instructions import ClientInstructions
 from strategies.parts import ADAPTER_PARTS, select_parts
 from strategies.sparse import is_base_key
@@ -43,7 +44,7 @@ from task.tasks.base import DATA_LOG, DATA_WARNINGS_KEY
 if TYPE_CHECKING:
     from task.runtime import TaskRuntime
 
-BUDGET_ERROR_CODE = 4001  # a client refusing a round that would exceed its privacy budget
+BUDGET_ERROR_CODE = BUDGET_REFUSAL_CODE  # refusing a round past its privacy budget
 POLICY_ERROR_CODE = 4002  # a client refusing instructions or DP terms outside its node policy
 
 

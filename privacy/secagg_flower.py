@@ -261,6 +261,7 @@ class SecureAggregation(Strategy):
             if reply.has_error():
                 stats.failed += 1
                 stats.failures.append((node, str(reply.error.reason)))
+                stats.failure_codes[node] = int(reply.error.code)
                 log(WARNING, "round %d: node %d failed: %s", server_round, node,
                     reply.error.reason)
                 continue

@@ -26,6 +26,7 @@ from server.state import ServerState, StateStore
 from server.tracking import Tracker, make_trackers
 from strategies import LoraStrategy, get_strategy_class
 from strategies.codec import adapter_to_record, record_to_adapter, state_to_record
+from strategies.errors import BUDGET_REFUSAL_CODE
 from strategies.sparse import is_dense_key
 from task.run_settings import RunSettings
 from task.tasks import Task, get_task
@@ -88,6 +89,13 @@ class RunSummary:
         if not values:
             return None
         return max(values) if higher_is_better else min(values)
+
+
+def budgets_spent(stats: Any) -> bool:
+    """Whether every failed client of a round refused because its privacy budget is spent."""
+    codes = getattr(stats, "failure_codes", {})
+    return bool(codes) and stats.failed == len(codes) and \
+        all(code == BUDGET_REFUSAL_CODE for code in codes.values())
 
 
 def no_update_accepted(history: Mapping[int, Any], first_round: int) -> str | None:
@@ -301,7 +309,8 @@ class FederatedRun:
             self.save_state(server_round, arrays)
             stopped = self.reason_to_stop(server_round)
             if stopped is not None:
-                log(ERROR, "%s", stopped)
+                log(ERROR if not budgets_spent(self.strategy.history[server_round]) else
+                    WARNING, "%s", stopped)
                 break
         final = record_to_adapter(arrays, self.settings.task.lora.lora_alpha)
         self.runtime.set_adapter(final)
@@ -312,7 +321,9 @@ class FederatedRun:
                      title=f"{fed.strategy} on {self.settings.task.data.dataset}")
         rejections = {r: s.rejections for r, s in self.strategy.history.items() if s.rejections}
         no_update = no_update_accepted(self.strategy.history, first_round)
-        failure = stopped or no_update
+        last = self.strategy.history.get(max(self.strategy.history, default=0))
+        graceful = stopped is not None and last is not None and budgets_spent(last)
+        failure = no_update or (None if graceful else stopped)
         self.writer.write_json("summary.json", {
             "strategy": fed.strategy,
             "rounds": fed.num_rounds,
@@ -358,6 +369,9 @@ class FederatedRun:
         if stats is None or stats.accepted > 0:
             return None
         reasons = {reason for _, reason in stats.failures}
+        if stats.sampled > 0 and stats.failed == stats.sampled and budgets_spent(stats):
+            return (f"the run stopped after round {server_round}: every client refused to "
+                    "train past its privacy budget (the epsilon each one allows is spent)")
         if stats.sampled > 0 and stats.failed == stats.sampled and len(reasons) == 1:
             return (f"the run stopped after round {server_round}: every client ("
                     f"{stats.failed}) failed with the same error: {reasons.pop()}")

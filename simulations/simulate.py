@@ -176,7 +176,8 @@ def simulate(
     if not metrics_path.exists():
         raise RuntimeError(f"the simulation wrote no metrics to {metrics_path}; see the log above")
     records: list[dict[str, Any]] = json.loads(metrics_path.read_text())
-    if not records or records[-1]["round"] != settings.federation.num_rounds:
+    if not records or (records[-1]["round"] != settings.federation.num_rounds
+                       and not summary.get("stopped")):
         raise RuntimeError(f"the simulation stopped before its last round; see {metrics_path}")
     return records
 

@@ -40,6 +40,7 @@ def collect_updates(
         if message.has_error():
             stats.failed += 1
             stats.failures.append((node_id, str(message.error.reason)))
+            stats.failure_codes[node_id] = int(message.error.code)
             log(WARNING, "round %d: node %d failed: %s", stats.round, node_id,
                 message.error.reason)
             continue

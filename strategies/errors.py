@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+#: the error code of a client refusing a round that would exceed its privacy budget: a
+#: deliberate end of its training, not a failure
+BUDGET_REFUSAL_CODE = 4001
+
 
 class UpdateRejected(ValueError):
     """A client update that must not be aggregated; ``reason`` says why."""

@@ -26,6 +26,8 @@ class RoundStats:
     rejections: list[tuple[int, str]] = field(default_factory=list)
     #: (node, error) of each reply that came back as an error (the client failed)
     failures: list[tuple[int, str]] = field(default_factory=list)
+    #: the error code of each failed node's reply (a budget refusal is not a failure)
+    failure_codes: dict[int, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     client_ranks: dict[int, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)

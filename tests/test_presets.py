@@ -109,6 +109,10 @@ def test_the_run_stops_after_max_failed_rounds_in_a_row():
     assert reason.startswith("the run stopped after round 6: 3 round(s) in a row")
     assert "first: node 1: timeout" in reason
     assert FederatedRun.reason_to_stop(run(history, limit=0), 6) is None  # 0 = never
+    spent = stats(0, [(1, "refused to train: past epsilon-budget"), (2, "refused: budget")])
+    spent.failure_codes = {1: 4001, 2: 4001}  # BUDGET_REFUSAL_CODE
+    assert "every client refused to train past its privacy budget" in \
+        FederatedRun.reason_to_stop(run({1: stats(1), 2: spent}), 2)
     same = {1: stats(0, [(1, "KeyError: 'topic'"), (2, "KeyError: 'topic'")])}
     assert "every client (2) failed with the same error: KeyError: 'topic'" in \
         FederatedRun.reason_to_stop(run(same), 1)

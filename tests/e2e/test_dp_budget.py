@@ -14,7 +14,7 @@ from tests.e2e.test_simulation import no_leftover_processes  # noqa: F401
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
 
 
-def test_clients_refuse_the_round_past_their_budget_and_the_run_goes_on(
+def test_clients_refuse_the_round_past_their_budget_and_the_run_ends_there(
         tmp_path, tiny_bert_dir, toy_csv, node_state_dir):
     # 240 toy rows, 20% held out, IID over 2 clients: 96 training examples each
     steps, noise, delta = 3, 1.0, 1e-3
@@ -31,15 +31,18 @@ def test_clients_refuse_the_round_past_their_budget_and_the_run_goes_on(
         "dp-noise-multiplier": noise, "dp-delta": delta, "dp-epsilon-budget": budget})
     records = simulate(config, num_clients=2, gpus_per_client=0.0)
 
-    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    # round 2: both clients refuse (their budgets are spent); there is nothing left to
+    # train, so the run ends there, as a finished run (round 1 trained), not a failure
+    assert [r["round"] for r in records] == [0, 1, 2]
     assert records[1]["num_accepted"] == 2 and records[1]["num_failed"] == 0
     assert records[1]["dp_epsilon_max"] == pytest.approx(after_one, rel=1e-6)
-    for r in records[2:]:  # both clients refuse; the server leaves them out and goes on
-        assert (r["num_accepted"], r["num_failed"]) == (0, 2)
+    assert (records[2]["num_accepted"], records[2]["num_failed"]) == (0, 2)
     details = json.loads((results / "details.json").read_text())
     epsilons = details["1"]["client_epsilon"]
     assert len(epsilons) == 2 and max(epsilons.values()) <= budget
     summary = json.loads((results / "summary.json").read_text())
+    assert "every client refused to train past its privacy budget" in summary["stopped"]
+    assert summary["failure"] is None
     assert summary["final"]["eval_accuracy"] == records[1]["eval_accuracy"]  # unchanged
     assert summary["dp_private_against_server"] is True  # noise from OS entropy
     # simulated nodes keep their ledger for the run only: research runs do not accumulate
