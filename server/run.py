@@ -323,7 +323,7 @@ class FederatedRun:
         no_update = no_update_accepted(self.strategy.history, first_round)
         last = self.strategy.history.get(max(self.strategy.history, default=0))
         graceful = stopped is not None and last is not None and budgets_spent(last)
-        failure = no_update or (None if graceful else stopped)
+        failure = no_update if graceful else (stopped or no_update)
         self.writer.write_json("summary.json", {
             "strategy": fed.strategy,
             "rounds": fed.num_rounds,
