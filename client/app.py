@@ -33,6 +33,7 @@ from privacy.transports import client_mods
 from strategies import get_strategy_class
 from strategies.adapter import LoraAdapter
 from strategies.codec import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_record
+from strategies.config import convert
 from strategies.errors import BUDGET_REFUSAL_CODE
 from strategies.instructions import ClientInstructions
 from strategies.parts import ADAPTER_PARTS, select_parts
@@ -74,8 +75,8 @@ def quiet_data_warnings(context: Context) -> None:
     In a simulation the server loads the same data first and says what it left out;
     without this, every client actor said it again.
     """
-    value = context.node_config.get(DATA_WARNINGS_KEY, True)
-    if str(value).strip().lower() in ("false", "0", "no", "off"):
+    if not convert(DATA_WARNINGS_KEY, context.node_config.get(DATA_WARNINGS_KEY, True),
+                   "bool"):
         DATA_LOG.setLevel(logging.ERROR)
 
 

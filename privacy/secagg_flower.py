@@ -70,7 +70,7 @@ from strategies.aggregation import SecureMean
 from strategies.base import LoraStrategy
 from strategies.codec import ARRAYS_KEY, METRICS_KEY, check_array_header, decode_array
 from strategies.collection import round_metrics
-from strategies.config import ConfigError
+from strategies.config import ConfigError, convert
 from strategies.errors import UpdateRejected
 from strategies.round_stats import RoundStats
 
@@ -460,7 +460,7 @@ def secure_aggregation_mod(message: Message, context: Context,
     if kind != MessageType.TRAIN or content is None:
         return call_next(message, context)
     if SECAGG_KEY not in content.config_records:
-        if str(context.node_config.get(REQUIRE_KEY, "false")).lower() in ("true", "1", "yes"):
+        if convert(REQUIRE_KEY, context.node_config.get(REQUIRE_KEY, False), "bool"):
             return Message(Error(code=SECAGG_ERROR_CODE, reason=(
                 "secure aggregation: this node requires it (require-secure-aggregation=true) "
                 "and the server did not ask for it")), reply_to=message)
